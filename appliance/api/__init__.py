@@ -1,0 +1,13 @@
+"""The JSON API under /api/v1: blueprints, error format, request ids, idempotency."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+
+def init_app(app: Flask) -> None:
+    from appliance.api import audit, code, datasets, errors, identity, openapi, projects
+
+    for module in (projects, datasets, code, identity, audit, openapi):
+        app.register_blueprint(module.bp)
+    errors.init_app(app)

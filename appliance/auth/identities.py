@@ -1,0 +1,236 @@
+"""Users, service accounts and API tokens: creating them and resolving a token to a principal."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from datetime import UTC, datetime, timedelta
+
+import peewee
+
+from appliance import db
+from appliance.audit import log as audit
+from appliance.audit.actions import Action
+from appliance.auth import passwords
+from appliance.domain.context import Context, Principal
+from appliance.domain.records import (
+    ApiToken,
+    Project,
+    RoleBinding,
+    ServiceAccount,
+    User,
+    new_id,
+    utc_now,
+)
+from appliance.errors import AnimusError, Conflict, NotFound, ValidationFailed
+
+USERNAME = re.compile(r"^[a-z][a-z0-9._-]{1,63}$")
+TOKEN_PREFIX = "anm_"  # noqa: S105 (a prefix, not a secret)
+SYSTEM_ROLES = ("admin", "auditor")
+
+
+def _token_digest(token: str) -> str:
+    # Tokens carry 256 random bits, so a fast hash is enough to make the stored value useless.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def create_user(
+    ctx: Context, username: str, password: str | None, system_role: str | None = None
+) -> User:
+    if not USERNAME.match(username):
+        raise ValidationFailed(
+            "username must be 2-64 characters: lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter",
+            details={"field": "username"},
+        )
+    if system_role not in (None, *SYSTEM_ROLES):
+        raise ValidationFailed(f"unknown system role {system_role!r}", details={"field": "role"})
+    if password is not None and len(password) < passwords.MIN_LENGTH:
+        raise ValidationFailed(
+            f"password must be at least {passwords.MIN_LENGTH} characters",
+            details={"field": "password"},
+        )
+    password_hash = passwords.hash_password(password) if password is not None else None
+    with db.write_transaction():
+        if User.get_or_none(User.username == username):
+            raise AnimusError(f"user {username!r} already exists", code="already_exists")
+        user = User.create(
+            id=new_id("usr"),
+            username=username,
+            password_hash=password_hash,
+            system_role=system_role,
+        )
+        audit.record(
+            ctx,
+            Action.USER_CREATED,
+            object_type="user",
+            object_id=user.id,
+            payload={"username": username, "system_role": system_role},
+        )
+    return user
+
+
+def user_by_name(username: str) -> User:
+    user = User.get_or_none(User.username == username)
+    if user is None:
+        raise NotFound(f"no user {username!r}")
+    return user
+
+
+def principal_for_user(user: User, token_id: str | None = None) -> Principal:
+    return Principal(
+        kind="user",
+        id=user.id,
+        name=user.username,
+        system_role=user.system_role,
+        token_id=token_id,
+    )
+
+
+def create_service_account(ctx: Context, project: Project, name: str, role: str) -> ServiceAccount:
+    if not USERNAME.match(name):
+        raise ValidationFailed(
+            "service account name must be 2-64 characters: lowercase letters, digits, '.', '_' "
+            "or '-', starting with a letter",
+            details={"field": "name"},
+        )
+    with db.write_transaction():
+        try:
+            with db.database.atomic():
+                account = ServiceAccount.create(
+                    id=new_id("sa"),
+                    project_id=project.id,
+                    name=name,
+                    created_by=ctx.principal.actor,
+                )
+        except peewee.IntegrityError:
+            raise AnimusError(
+                f"service account {name!r} already exists in this project", code="already_exists"
+            ) from None
+        RoleBinding.create(
+            id=new_id("rb"), project_id=project.id, service_account_id=account.id, role=role
+        )
+        audit.record(
+            ctx,
+            Action.SERVICE_ACCOUNT_CREATED,
+            project_id=project.id,
+            object_type="service_account",
+            object_id=account.id,
+            payload={"name": name, "role": role},
+        )
+    return account
+
+
+def issue_token(
+    ctx: Context,
+    *,
+    ttl_seconds: int,
+    user: User | None = None,
+    service_account: ServiceAccount | None = None,
+    name: str = "",
+) -> tuple[ApiToken, str]:
+    """Create a token; returns the record and the secret, which is shown once and never stored."""
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    expires = _rfc3339(datetime.now(UTC) + timedelta(seconds=ttl_seconds))
+    with db.write_transaction():
+        token = ApiToken.create(
+            id=new_id("tok"),
+            token_hash=_token_digest(secret),
+            user_id=user.id if user else None,
+            service_account_id=service_account.id if service_account else None,
+            name=name,
+            expires_at=expires,
+        )
+        audit.record(
+            ctx,
+            Action.TOKEN_CREATED,
+            project_id=service_account.project_id if service_account else None,
+            object_type="api_token",
+            object_id=token.id,
+            payload={
+                "owner": f"user:{user.username}"
+                if user
+                else f"service_account:{service_account.id}",
+                "name": name,
+                "expires_at": expires,
+            },
+        )
+    return token, secret
+
+
+def revoke_token(ctx: Context, token: ApiToken) -> ApiToken:
+    with db.write_transaction():
+        if token.revoked_at is None:
+            token.revoked_at = utc_now()
+            ApiToken.update(revoked_at=token.revoked_at).where(ApiToken.id == token.id).execute()
+            account = (
+                ServiceAccount.get_by_id(token.service_account_id)
+                if token.service_account_id
+                else None
+            )
+            audit.record(
+                ctx,
+                Action.TOKEN_REVOKED,
+                project_id=account.project_id if account else None,
+                object_type="api_token",
+                object_id=token.id,
+            )
+    return token
+
+
+def principal_for_token(secret: str) -> Principal | None:
+    """The principal a bearer token stands for, or None if it is unknown, expired or revoked."""
+    if not secret.startswith(TOKEN_PREFIX) or len(secret) > 128:
+        return None
+    token = ApiToken.get_or_none(ApiToken.token_hash == _token_digest(secret))
+    if token is None or token.revoked_at is not None or token.expires_at <= utc_now():
+        return None
+    if token.user_id:
+        user = User.get_or_none(User.id == token.user_id)
+        if user is None or not user.is_active:
+            return None
+        return principal_for_user(user, token.id)
+    account = ServiceAccount.get_or_none(ServiceAccount.id == token.service_account_id)
+    if account is None:
+        return None
+    return Principal(
+        kind="service_account",
+        id=account.id,
+        name=account.name,
+        project_id=account.project_id,
+        token_id=token.id,
+    )
+
+
+def authenticate_password(ctx: Context, username: str, password: str) -> User:
+    """Check a username and password; both outcomes are audited."""
+    user = User.get_or_none(User.username == username)
+    ok = (
+        passwords.verify_password(password, user.password_hash if user else None)
+        and user is not None
+        and user.is_active
+    )
+    with db.write_transaction():
+        audit.record(
+            ctx,
+            Action.LOGIN_SUCCEEDED if ok else Action.LOGIN_FAILED,
+            object_type="user",
+            object_id=user.id if user else "",
+            payload={"username": username, "method": "password"},
+        )
+    if not ok:
+        raise AnimusError("wrong username or password", code="invalid_credentials")
+    return user
+
+
+def ensure_unique(model, message: str, **where) -> None:
+    query = model.select()
+    for field, value in where.items():
+        query = query.where(getattr(model, field) == value)
+    if query.exists():
+        raise Conflict(message)

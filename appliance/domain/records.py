@@ -1,0 +1,252 @@
+"""Persistent records: one peewee model per table of ``appliance/migrations``.
+
+The migrations own the schema (including triggers and composite keys); these models only map
+rows to objects. Rules about the records live in the neighbouring domain modules.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from datetime import UTC, datetime
+
+import peewee
+
+from appliance.db import database
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_id(prefix: str) -> str:
+    """An opaque, time-ordered id with a type prefix, e.g. ``prj_01hx…`` (26 base-32 digits)."""
+    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
+    digits = []
+    for _ in range(26):
+        digits.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return f"{prefix}_{''.join(reversed(digits))}"
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC with microseconds, the one format stored everywhere."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_json(value: object) -> str:
+    """UTF-8 friendly JSON with sorted keys and no insignificant whitespace."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class JSONField(peewee.TextField):
+    def db_value(self, value):
+        return None if value is None else canonical_json(value)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class Record(peewee.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class SystemSetting(Record):
+    key = peewee.TextField(primary_key=True)
+    value = peewee.TextField()
+
+    class Meta:
+        table_name = "system_settings"
+
+
+class User(Record):
+    id = peewee.TextField(primary_key=True)
+    username = peewee.TextField(unique=True)
+    password_hash = peewee.TextField(null=True)
+    system_role = peewee.TextField(null=True)
+    is_active = peewee.BooleanField(default=True)
+    created_at = peewee.TextField(default=utc_now)
+
+    class Meta:
+        table_name = "users"
+
+
+class Project(Record):
+    id = peewee.TextField(primary_key=True)
+    name = peewee.TextField(unique=True)
+    description = peewee.TextField(default="")
+    state = peewee.TextField(default="active")
+    policy = JSONField()
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+    archived_at = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "projects"
+
+
+class ServiceAccount(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    name = peewee.TextField()
+    description = peewee.TextField(default="")
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "service_accounts"
+
+
+class RoleBinding(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    user_id = peewee.TextField(null=True)
+    service_account_id = peewee.TextField(null=True)
+    role = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+
+    class Meta:
+        table_name = "role_bindings"
+
+
+class ApiToken(Record):
+    id = peewee.TextField(primary_key=True)
+    token_hash = peewee.TextField(unique=True)
+    user_id = peewee.TextField(null=True)
+    service_account_id = peewee.TextField(null=True)
+    name = peewee.TextField(default="")
+    created_at = peewee.TextField(default=utc_now)
+    expires_at = peewee.TextField()
+    revoked_at = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "api_tokens"
+
+
+class Dataset(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    name = peewee.TextField()
+    description = peewee.TextField(default="")
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "datasets"
+
+
+class DatasetVersion(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    dataset_id = peewee.TextField()
+    number = peewee.IntegerField()
+    digest = peewee.TextField()
+    parent_id = peewee.TextField(null=True)
+    file_count = peewee.BigIntegerField()
+    total_size = peewee.BigIntegerField()
+    message = peewee.TextField(default="")
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "dataset_versions"
+
+
+class DatasetFile(Record):
+    version_id = peewee.TextField()
+    path = peewee.TextField()
+    sha256 = peewee.TextField()
+    size = peewee.BigIntegerField()
+
+    class Meta:
+        table_name = "dataset_files"
+        primary_key = peewee.CompositeKey("version_id", "path")
+
+
+class CodeRef(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    repo_url = peewee.TextField()
+    commit_sha = peewee.TextField(null=True)
+    ref = peewee.TextField(null=True)
+    path = peewee.TextField(default="")
+    production_ready = peewee.BooleanField()
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "code_refs"
+
+
+class EnvironmentDefinition(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    name = peewee.TextField()
+    base_image = peewee.TextField()
+    packages = JSONField()
+    description = peewee.TextField(default="")
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "environment_definitions"
+
+
+class EnvironmentLock(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    environment_id = peewee.TextField()
+    image_digest = peewee.TextField()
+    packages = JSONField()
+    digest = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "environment_locks"
+
+
+class PolicySnapshot(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    policy = JSONField()
+    digest = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "policy_snapshots"
+
+
+class AuditEvent(Record):
+    seq = peewee.BigIntegerField(primary_key=True)
+    at = peewee.TextField()
+    actor = peewee.TextField()
+    action = peewee.TextField()
+    project_id = peewee.TextField(null=True)
+    object_type = peewee.TextField()
+    object_id = peewee.TextField()
+    request_id = peewee.TextField()
+    payload = JSONField()
+    prev_hash = peewee.TextField()
+    hash = peewee.TextField()
+    canonical = peewee.TextField()
+
+    class Meta:
+        table_name = "audit_events"
+
+
+class IdempotencyRecord(Record):
+    principal = peewee.TextField()
+    key = peewee.TextField()
+    method = peewee.TextField()
+    path = peewee.TextField()
+    fingerprint = peewee.TextField()
+    status = peewee.IntegerField()
+    body = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+
+    class Meta:
+        table_name = "idempotency_records"
+        primary_key = peewee.CompositeKey("principal", "key")

@@ -1,0 +1,1 @@
+"""Numbered schema migrations: mNNNN_name.py with upgrade(schema) and, when reversible, downgrade(schema)."""

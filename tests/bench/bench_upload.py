@@ -1,0 +1,180 @@
+"""Benchmark: upload a 1 GiB dataset through the production server and print the figures.
+
+    .venv/bin/python tests/bench/bench_upload.py [--size-mib 1024] [--mode tar|multipart|both]
+
+Prints MB/s of the upload, the ratio to single-core ``hashlib.sha256`` speed measured in the
+same run (target: at least 0.3), and the server's peak RSS (target: under 200 MiB). The
+server is gunicorn with the shipped configuration on the embedded default (SQLite, blob
+store with fsync on), on a loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+CHUNK = 1 << 20
+MIB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sha256_speed(size: int = 512 * MIB) -> float:
+    """Single-core hashlib.sha256 over ``size`` bytes of the same kind of data, in MB/s."""
+    block = os.urandom(CHUNK)
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    for _ in range(size // CHUNK):
+        digest.update(block)
+    return size / (time.perf_counter() - start) / 1e6
+
+
+def make_payload(directory: Path, size: int) -> Path:
+    """A file of ``size`` pseudo-random bytes (random blocks, so nothing deduplicates)."""
+    path = directory / "payload.bin"
+    seed = hashlib.sha256(b"animus-bench").digest()
+    with open(path, "wb") as out:
+        block = os.urandom(CHUNK)
+        for index in range(size // CHUNK):
+            # Cheap variation per block: different content, no measurable generation cost.
+            out.write(block[:-40] + seed + index.to_bytes(8, "big"))
+    return path
+
+
+def tar_stream(path: Path):
+    """Yield a one-member tar archive of ``path`` in 1 MiB pieces, never all in memory."""
+    size = path.stat().st_size
+    info = tarfile.TarInfo("data/payload.bin")
+    info.size = size
+    yield info.tobuf(format=tarfile.PAX_FORMAT)
+    with open(path, "rb") as source:
+        while chunk := source.read(CHUNK):
+            yield chunk
+    padding = (512 - size % 512) % 512
+    yield b"\0" * padding + b"\0" * 1024
+
+
+def peak_rss_mib(pids: list[int]) -> float:
+    peaks = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks, default=0.0)
+
+
+def worker_pids(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children")
+    return (
+        [master] + [int(p) for p in children.read_text().split()] if children.exists() else [master]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--mode", choices=["tar", "multipart", "both"], default="both")
+    args = parser.parse_args()
+    size = args.size_mib * MIB
+
+    with tempfile.TemporaryDirectory(prefix="animus-bench-") as tmp:
+        tmp_path = Path(tmp)
+        env = {
+            **os.environ,
+            "ANIMUS_DATA_DIR": str(tmp_path / "data"),
+            "ANIMUS_LOG_LEVEL": "WARNING",
+            "ANIMUS_WORKERS": "1",
+        }
+        animus = [sys.executable, "-m", "appliance"]
+        subprocess.run([*animus, "db", "upgrade"], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [*animus, "admin", "create-user", "bench"], env=env, check=True, capture_output=True
+        )
+        token = subprocess.run(
+            [*animus, "token", "create", "--user", "bench"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "python:appliance.gunicorn_conf",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "appliance.app:create_app()",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(100):
+                try:
+                    if requests.get(base + "/readyz", timeout=1).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(0.1)
+            session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {token}"
+            pid = session.post(base + "/api/v1/projects", json={"name": "bench"}).json()["id"]
+            print(f"payload: {args.size_mib} MiB of random blocks", flush=True)
+            payload = make_payload(tmp_path, size)
+            baseline = sha256_speed()
+            print(f"single-core hashlib.sha256: {baseline:.0f} MB/s")
+            modes = ["tar", "multipart"] if args.mode == "both" else [args.mode]
+            for mode in modes:
+                dataset = session.post(
+                    f"{base}/api/v1/projects/{pid}/datasets", json={"name": f"ds-{mode}"}
+                ).json()["id"]
+                url = f"{base}/api/v1/projects/{pid}/datasets/{dataset}/versions"
+                start = time.perf_counter()
+                if mode == "tar":
+                    response = session.post(
+                        url, data=tar_stream(payload), headers={"Content-Type": "application/x-tar"}
+                    )
+                else:
+                    with open(payload, "rb") as handle:
+                        response = session.post(url, files={"files": ("payload.bin", handle)})
+                elapsed = time.perf_counter() - start
+                response.raise_for_status()
+                speed = size / elapsed / 1e6
+                print(
+                    f"upload ({mode}): {speed:.0f} MB/s in {elapsed:.2f} s; "
+                    f"ratio to sha256: {speed / baseline:.2f} (target >= 0.30)"
+                )
+            rss = peak_rss_mib(worker_pids(server.pid))
+            print(f"server peak RSS: {rss:.0f} MiB (target < 200 MiB)")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

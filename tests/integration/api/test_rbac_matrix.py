@@ -1,0 +1,212 @@
+"""Every API route × every kind of caller, with the expected status (DESIGN §8).
+
+The table must name every declared operation: a new route without a row fails this test.
+Refused mutations by authenticated callers must leave an ``authz:request:denied`` event.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+
+import pytest
+
+from appliance.api.routing import OPERATIONS
+from appliance.domain.records import AuditEvent
+
+CALLERS = ("anonymous", "viewer", "editor", "admin", "other_admin", "auditor", "service_account")
+
+#                                                anon viewer editor admin other auditor sa
+EXPECTED: dict[str, tuple[int, ...]] = {
+    "identity.login": (401, 401, 401, 401, 401, 401, 401),
+    "identity.me": (401, 200, 200, 200, 200, 200, 200),
+    "identity.create_token": (401, 201, 201, 201, 201, 201, 403),
+    "identity.list_tokens": (401, 200, 200, 200, 200, 200, 403),
+    "identity.revoke_token": (401, 404, 404, 200, 404, 404, 404),
+    "identity.create_user": (401, 403, 403, 403, 403, 403, 403),
+    "identity.list_users": (401, 403, 403, 403, 403, 403, 403),
+    "identity.get_user": (401, 403, 403, 403, 403, 403, 403),
+    "projects.create_project": (401, 201, 201, 201, 201, 403, 403),
+    "projects.list_projects": (401, 200, 200, 200, 200, 200, 200),
+    "projects.get_project": (401, 200, 200, 200, 404, 404, 200),
+    "projects.get_policy": (401, 200, 200, 200, 404, 404, 200),
+    "projects.put_policy": (401, 403, 403, 200, 404, 404, 403),
+    "projects.create_policy_snapshot": (401, 403, 201, 201, 404, 404, 201),
+    "projects.get_policy_snapshot": (401, 200, 200, 200, 404, 404, 200),
+    "projects.list_members": (401, 200, 200, 200, 404, 404, 200),
+    "projects.put_member": (401, 403, 403, 200, 404, 404, 403),
+    "projects.delete_member": (401, 403, 403, 204, 404, 404, 403),
+    "projects.create_service_account": (401, 403, 403, 201, 404, 404, 403),
+    "projects.list_service_accounts": (401, 403, 403, 200, 404, 404, 403),
+    "projects.create_service_account_token": (401, 403, 403, 201, 404, 404, 403),
+    "datasets.create_dataset": (401, 403, 201, 201, 404, 404, 201),
+    "datasets.list_datasets": (401, 200, 200, 200, 404, 404, 200),
+    "datasets.get_dataset": (401, 200, 200, 200, 404, 404, 200),
+    "datasets.create_version": (401, 403, 201, 201, 404, 404, 201),
+    "datasets.list_versions": (401, 200, 200, 200, 404, 404, 200),
+    "datasets.get_version": (401, 200, 200, 200, 404, 404, 200),
+    "datasets.patch_version": (401, 403, 409, 409, 404, 404, 409),
+    "datasets.delete_version": (401, 403, 409, 409, 404, 404, 409),
+    "datasets.download_file": (401, 200, 200, 200, 404, 404, 200),
+    "code.create_code_ref": (401, 403, 201, 201, 404, 404, 201),
+    "code.list_code_refs": (401, 200, 200, 200, 404, 404, 200),
+    "code.get_code_ref": (401, 200, 200, 200, 404, 404, 200),
+    "code.patch_code_ref": (401, 403, 409, 409, 404, 404, 409),
+    "code.delete_code_ref": (401, 403, 409, 409, 404, 404, 409),
+    "code.create_environment": (401, 403, 201, 201, 404, 404, 201),
+    "code.list_environments": (401, 200, 200, 200, 404, 404, 200),
+    "code.get_environment": (401, 200, 200, 200, 404, 404, 200),
+    "code.create_lock": (401, 403, 201, 201, 404, 404, 201),
+    "code.list_locks": (401, 200, 200, 200, 404, 404, 200),
+    "code.get_lock": (401, 200, 200, 200, 404, 404, 200),
+    "code.patch_lock": (401, 403, 409, 409, 404, 404, 409),
+    "code.delete_lock": (401, 403, 409, 409, 404, 404, 409),
+    "audit.project_events": (401, 403, 403, 200, 404, 200, 403),
+    "audit.all_events": (401, 403, 403, 403, 403, 200, 403),
+    "audit.chain_status": (401, 403, 403, 403, 403, 200, 403),
+    # Last: archiving makes the project read-only for every row after it.
+    "projects.archive_project": (401, 403, 403, 200, 404, 404, 403),
+}
+
+
+def tar_of(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def world(server, make_user, project):
+    """Callers of every kind except the project's admin and its service account."""
+    callers = {"anonymous": server.client()}
+    for role in ("viewer", "editor"):
+        callers[role] = make_user(f"{role}-user").api
+    other = make_user("olga")
+    other.api.post("/api/v1/projects", json={"name": "olgas"})
+    callers["other_admin"] = other.api
+    callers["auditor"] = make_user("audra", "auditor").api
+    make_user("guest")
+    return callers
+
+
+def test_every_route_for_every_caller(server, alice, project, world):
+    pid = project["id"]
+    api = alice.api
+    for role in ("viewer", "editor"):
+        api.put(f"/api/v1/projects/{pid}/members/{role}-user", json={"role": role})
+    account = api.post(
+        f"/api/v1/projects/{pid}/service-accounts", json={"name": "bot", "role": "editor"}
+    ).json()
+    bot_token = api.post(
+        f"/api/v1/projects/{pid}/service-accounts/{account['id']}/tokens", json={}
+    ).json()["token"]
+    callers = {**world, "admin": api, "service_account": server.client(bot_token)}
+    dataset = api.post(f"/api/v1/projects/{pid}/datasets", json={"name": "base"}).json()
+    version = api.post(
+        f"/api/v1/projects/{pid}/datasets/{dataset['id']}/versions",
+        data=tar_of("a/b.csv", b"x,y\n1,2\n"),
+        headers={"Content-Type": "application/x-tar"},
+    ).json()
+    code_ref = api.post(
+        f"/api/v1/projects/{pid}/code-refs",
+        json={"repo_url": "https://git.example/r.git", "commit_sha": "c" * 40},
+    ).json()
+    env = api.post(
+        f"/api/v1/projects/{pid}/environments",
+        json={"name": "base-env", "base_image": "runner", "packages": []},
+    ).json()
+    lock = api.post(
+        f"/api/v1/projects/{pid}/environment-locks",
+        json={"environment_id": env["id"], "image_digest": "sha256:" + "d" * 64, "packages": []},
+    ).json()
+    snapshot = api.post(f"/api/v1/projects/{pid}/policy-snapshots").json()
+    spare_token = api.post("/api/v1/tokens", json={"name": "spare"}).json()
+
+    params = {
+        "project_id": pid,
+        "dataset_id": dataset["id"],
+        "version_id": version["id"],
+        "path": "a/b.csv",
+        "code_ref_id": code_ref["id"],
+        "environment_id": env["id"],
+        "lock_id": lock["id"],
+        "snapshot_id": snapshot["id"],
+        "account_id": account["id"],
+        "username": "guest",
+        "token_id": spare_token["id"],
+    }
+    counter = itertools.count()
+
+    def request_kwargs(endpoint: str) -> dict:
+        n = next(counter)
+        bodies = {
+            "identity.login": {"username": "alice", "password": "not-her-password"},
+            "identity.create_token": {"name": f"t{n}"},
+            "identity.create_user": {"username": f"user{n}"},
+            "projects.create_project": {"name": f"project-{n}"},
+            "projects.put_policy": api.get(f"/api/v1/projects/{pid}/policy").json(),
+            "projects.put_member": {"role": "viewer"},
+            "projects.create_service_account": {"name": f"sa{n}", "role": "viewer"},
+            "projects.create_service_account_token": {},
+            "datasets.create_dataset": {"name": f"ds{n}"},
+            "code.create_code_ref": {"repo_url": "https://git.example/r.git", "ref": "main"},
+            "code.create_environment": {"name": f"env{n}", "base_image": "runner", "packages": []},
+            "code.create_lock": {
+                "environment_id": env["id"],
+                "image_digest": "sha256:" + "e" * 64,
+                "packages": [],
+            },
+        }
+        if endpoint == "datasets.create_version":
+            return {
+                "data": tar_of(f"f{n}.txt", str(n).encode()),
+                "headers": {"Content-Type": "application/x-tar"},
+            }
+        if endpoint in bodies:
+            return {"json": bodies[endpoint]}
+        return {}
+
+    declared = {op.endpoint: op for op in OPERATIONS}
+    assert set(EXPECTED) == set(declared), "every route needs a row in EXPECTED"
+    failures = []
+    denials = []
+    for endpoint, statuses in EXPECTED.items():
+        op = declared[endpoint]
+        url = op.rule
+        for name in op.path_params:
+            url = url.replace(f"<{name}>", params[name]).replace(f"<path:{name}>", params[name])
+        for caller, expected in zip(CALLERS, statuses, strict=True):
+            if endpoint == "projects.delete_member" and caller == "admin":
+                api.put(f"/api/v1/projects/{pid}/members/guest", json={"role": "viewer"})
+            response = callers[caller].request(op.method, url, **request_kwargs(endpoint))
+            if response.status_code != expected:
+                failures.append(
+                    f"{op.method} {url} as {caller}: {response.status_code} "
+                    f"(expected {expected}) {response.text[:200]}"
+                )
+            if response.status_code >= 400:
+                assert set(response.json()) == {"error", "message", "details", "request_id"}
+            if (
+                op.method != "GET"
+                and caller != "anonymous"
+                and expected in (403, 404)
+                and (endpoint != "identity.login")
+            ):
+                denials.append((caller, op.method, url))
+    assert failures == [], "\n".join(failures)
+
+    denied = {
+        (e.actor, e.object_id)
+        for e in AuditEvent.select().where(AuditEvent.action == "authz:request:denied")
+    }
+    actors = {
+        caller: callers[caller].get("/api/v1/me").json().get("actor")
+        for caller in CALLERS
+        if caller != "anonymous"
+    }
+    missing = [d for d in denials if (actors[d[0]], f"{d[1]} {d[2]}") not in denied]
+    assert missing == [], f"refused mutations without an audit event: {missing}"
