@@ -44,10 +44,10 @@ def sha256_speed(size: int = 512 * MIB) -> float:
     return size / (time.perf_counter() - start) / 1e6
 
 
-def make_payload(directory: Path, size: int) -> Path:
-    """A file of ``size`` pseudo-random bytes (random blocks, so nothing deduplicates)."""
-    path = directory / "payload.bin"
-    seed = hashlib.sha256(b"animus-bench").digest()
+def make_payload(directory: Path, size: int, salt: str) -> Path:
+    """A file of ``size`` pseudo-random bytes, different for every ``salt``."""
+    path = directory / f"payload-{salt}.bin"
+    seed = hashlib.sha256(salt.encode()).digest()
     with open(path, "wb") as out:
         block = os.urandom(CHUNK)
         for index in range(size // CHUNK):
@@ -56,17 +56,52 @@ def make_payload(directory: Path, size: int) -> Path:
     return path
 
 
-def tar_stream(path: Path):
-    """Yield a one-member tar archive of ``path`` in 1 MiB pieces, never all in memory."""
-    size = path.stat().st_size
+def write_tar(payload: Path, out: Path) -> Path:
+    """A one-member tar archive of ``payload``, written in pieces (never all in memory)."""
+    size = payload.stat().st_size
     info = tarfile.TarInfo("data/payload.bin")
     info.size = size
-    yield info.tobuf(format=tarfile.PAX_FORMAT)
-    with open(path, "rb") as source:
+    with open(out, "wb") as archive, open(payload, "rb") as source:
+        archive.write(info.tobuf(format=tarfile.PAX_FORMAT))
         while chunk := source.read(CHUNK):
-            yield chunk
-    padding = (512 - size % 512) % 512
-    yield b"\0" * padding + b"\0" * 1024
+            archive.write(chunk)
+        archive.write(b"\0" * ((512 - size % 512) % 512) + b"\0" * 1024)
+    return out
+
+
+def write_multipart(payload: Path, out: Path, boundary: str) -> Path:
+    """A multipart/form-data body with ``payload`` as one file part."""
+    with open(out, "wb") as body, open(payload, "rb") as source:
+        body.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="payload.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+        )
+        while chunk := source.read(CHUNK):
+            body.write(chunk)
+        body.write(f"\r\n--{boundary}--\r\n".encode())
+    return out
+
+
+def post_file(port: int, path: str, token: str, body: Path, content_type: str) -> tuple[int, bytes]:
+    """POST ``body`` with a Content-Length, sent with sendfile so the client costs little CPU.
+
+    The client shares the machine with the server; a Python-level copy loop in the client
+    would be measured as server slowness.
+    """
+    size = body.stat().st_size
+    with socket.create_connection(("127.0.0.1", port)) as sock, open(body, "rb") as source:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {size}\r\nConnection: close\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        sock.sendfile(source)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    status = int(response.split(b" ", 2)[1])
+    return status, response.partition(b"\r\n\r\n")[2]
 
 
 def peak_rss_mib(pids: list[int]) -> float:
@@ -144,25 +179,32 @@ def main() -> int:
             session.headers["Authorization"] = f"Bearer {token}"
             pid = session.post(base + "/api/v1/projects", json={"name": "bench"}).json()["id"]
             print(f"payload: {args.size_mib} MiB of random blocks", flush=True)
-            payload = make_payload(tmp_path, size)
             baseline = sha256_speed()
             print(f"single-core hashlib.sha256: {baseline:.0f} MB/s")
             modes = ["tar", "multipart"] if args.mode == "both" else [args.mode]
+            boundary = "animus-bench-boundary-7c1e"
             for mode in modes:
+                payload = make_payload(tmp_path, size, mode)
+                if mode == "tar":
+                    body, content_type = write_tar(payload, tmp_path / "body"), "application/x-tar"
+                else:
+                    body = write_multipart(payload, tmp_path / "body", boundary)
+                    content_type = f"multipart/form-data; boundary={boundary}"
+                payload.unlink()
                 dataset = session.post(
                     f"{base}/api/v1/projects/{pid}/datasets", json={"name": f"ds-{mode}"}
                 ).json()["id"]
-                url = f"{base}/api/v1/projects/{pid}/datasets/{dataset}/versions"
                 start = time.perf_counter()
-                if mode == "tar":
-                    response = session.post(
-                        url, data=tar_stream(payload), headers={"Content-Type": "application/x-tar"}
-                    )
-                else:
-                    with open(payload, "rb") as handle:
-                        response = session.post(url, files={"files": ("payload.bin", handle)})
+                status, answer = post_file(
+                    port,
+                    f"/api/v1/projects/{pid}/datasets/{dataset}/versions",
+                    token,
+                    body,
+                    content_type,
+                )
                 elapsed = time.perf_counter() - start
-                response.raise_for_status()
+                if status != 201:
+                    raise SystemExit(f"upload ({mode}) failed: {status} {answer[:300]!r}")
                 speed = size / elapsed / 1e6
                 print(
                     f"upload ({mode}): {speed:.0f} MB/s in {elapsed:.2f} s; "

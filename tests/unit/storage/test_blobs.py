@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import mmap
 import os
 import stat
 
 import pytest
 
 from appliance.errors import AnimusError, NotFound, UploadError
-from appliance.storage.blobs import CHUNK_BYTES, BlobStore, StagedFile
+from appliance.storage.blobs import CHUNK_BYTES, BlobStore, StagedFile, _StreamingWriter
 
 
 @pytest.fixture
@@ -193,6 +194,26 @@ def test_large_file_through_the_pipeline(store):
         staged.promote()
     assert staged_file == StagedFile(sha(data), len(data))
     assert store.path_for(sha(data)).read_bytes() == data
+
+
+def test_writer_falls_back_to_buffered_writes_when_direct_io_refuses(tmp_path):
+    # A buffer at an odd address is refused by O_DIRECT (EINVAL): the same bytes must be
+    # written again, buffered, exactly once. Where the filesystem has no direct I/O at
+    # all, every write is buffered and the result is the same.
+    backing = mmap.mmap(-1, 3 * CHUNK_BYTES)
+    backing[:] = os.urandom(3 * CHUNK_BYTES)
+    aligned = memoryview(backing)[:CHUNK_BYTES]
+    odd = memoryview(backing)[1 : 1 + CHUNK_BYTES]
+    tail = memoryview(backing)[2 * CHUNK_BYTES : 2 * CHUNK_BYTES + 1000]
+    path = tmp_path / "file"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        writer = _StreamingWriter(fd)
+        for data in (aligned, odd, aligned, tail):
+            writer.write(data)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(aligned) + bytes(odd) + bytes(aligned) + bytes(tail)
 
 
 def test_without_fsync_promote_works_the_same(tmp_path):

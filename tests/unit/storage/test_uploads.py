@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import bz2
 import gzip
 import hashlib
@@ -10,6 +11,8 @@ import os
 import tarfile
 
 import pytest
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
 
 from appliance.errors import UploadError
 from appliance.storage.blobs import CHUNK_BYTES, BlobStore
@@ -232,6 +235,24 @@ def test_tar_formats_and_long_names(store, fmt):
     name = "dir/" + "n" * 90 if fmt == tarfile.USTAR_FORMAT else "d/" * 80 + "file"
     files, _ = upload_tar(store, make_tar([file_entry(name, b"long")], fmt=fmt))
     assert files == [UploadedFile(name, sha(b"long"), 4)]
+
+
+# `tar --sparse --format=gnu -cf - sparse.bin` of a 5 MiB file holding b"hello" at offset
+# 3,000,000 and b"tail" at 5,242,000, zeros elsewhere; gzip and base64 to keep it short.
+GNU_SPARSE_TAR_GZ_B64 = (
+    "H4sIAAAAAAACA+3QbQoCIRSFYZfiCsKrTrOQVmAw0IBkqO0/EYqKmH7ERMT7INyDHwinnEIu02Y/H9VqTLP1vs/m"
+    "adqeZXBGjDdtKWPFyKD0Tn3BudSQtVY5pbp07935J+2Ic/6uEblm68bx5b5/bLLnpQ9uDwAA+AuHKcZEDQAAAAAA"
+    "AADw82qYIy0AAACs5wKVYM0HACgAAA=="
+)
+
+
+def test_gnu_sparse_member_is_expanded(store):
+    expected = bytearray(5 << 20)
+    expected[3_000_000:3_000_005] = b"hello"
+    expected[5_242_000:5_242_004] = b"tail"
+    body = gzip.decompress(base64.b64decode(GNU_SPARSE_TAR_GZ_B64))
+    files, _ = upload_tar(store, body)
+    assert files == [UploadedFile("sparse.bin", sha(bytes(expected)), len(expected))]
 
 
 def test_tar_with_zero_padding_to_a_large_record_is_accepted(store):
@@ -597,3 +618,32 @@ def test_multipart_endless_preamble(store):
 def test_multipart_part_without_content_disposition(store):
     body = f"--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\nabc\r\n--{BOUNDARY}--\r\n"
     refuse_multipart(store, body.encode(), "malformed_multipart")
+
+
+# -- through a real Werkzeug request -------------------------------------------------------
+
+
+def werkzeug_request(body: bytes, content_type: str) -> Request:
+    environ = EnvironBuilder(method="POST", data=body, content_type=content_type).get_environ()
+    return Request(environ)
+
+
+def test_tar_from_a_werkzeug_request_stream(store):
+    big = os.urandom(2 * CHUNK_BYTES + 5)
+    request = werkzeug_request(
+        make_tar([file_entry("d/big", big), file_entry("d/s", b"s")]), "application/x-tar"
+    )
+    with store.stage() as staged:
+        files = read_tar_stream(request.stream, staged, LIMITS)
+        staged.promote()
+    assert files == [UploadedFile("d/big", sha(big), len(big)), UploadedFile("d/s", sha(b"s"), 1)]
+    assert store.path_for(sha(big)).read_bytes() == big
+
+
+def test_multipart_from_a_werkzeug_request_stream(store):
+    big = os.urandom(2 * CHUNK_BYTES + 5)
+    request = werkzeug_request(encode_multipart([("f", "d/big", big)]), CONTENT_TYPE)
+    with store.stage() as staged:
+        files = read_multipart_stream(request.stream, request.content_type, staged, LIMITS)
+        staged.promote()
+    assert files == [UploadedFile("d/big", sha(big), len(big))]
