@@ -3,13 +3,15 @@
 #
 #   ./install.sh --demo [--serve] [--port PORT]
 #       On a source checkout: set up .venv, start the appliance on the embedded default
-#       (SQLite + local blob store under ./.animus-demo) and walk a seeded demo project.
+#       (SQLite, blob store and local registry under ./.animus-demo) and walk the full ML
+#       cycle: dataset version, code at a commit, environment built from the offline
+#       wheelhouse, a production Run in a runc container, its replay, the audit check.
 #
 # The installer only checks the host and hands over to Python; see docs/install.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 
 mode=""
 demo_args=()
@@ -29,7 +31,19 @@ python="${PYTHON:-python3}"
 command -v "$python" >/dev/null || { echo "install.sh: python3 (3.11+) is required" >&2; exit 3; }
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || { echo "install.sh: Python 3.11 or newer is required, found $("$python" -V)" >&2; exit 3; }
-command -v git >/dev/null || { echo "install.sh: git is required" >&2; exit 3; }
+# The demo runs user code in runc containers from images in a local registry.
+needed=()
+for tool in git runc docker-registry; do command -v "$tool" >/dev/null || needed+=("$tool"); done
+if [ ${#needed[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "install.sh: installing ${needed[*]} (Debian packages)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${needed[@]}" >/dev/null
+  else
+    echo "install.sh: missing ${needed[*]}; install them (Debian: apt-get install ${needed[*]})" >&2
+    exit 3
+  fi
+fi
+[ "$(id -u)" = 0 ] || { echo "install.sh: the demo starts runc containers and must run as root" >&2; exit 3; }
 
 venv="${ANIMUS_VENV:-.venv}"
 if [ ! -x "$venv/bin/python" ]; then

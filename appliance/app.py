@@ -11,6 +11,7 @@ from flask import Flask, g, jsonify, request
 
 from appliance import db, logs
 from appliance.config import Config
+from appliance.secrets.provider import FileSecretProvider
 from appliance.storage.blobs import BlobStore
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -26,6 +27,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False
     app.extensions["animus.blobs"] = BlobStore(config.blob_dir, fsync=config.blob_fsync)
+    app.extensions["animus.secrets"] = FileSecretProvider(config.secrets_dir)
     db.bind(db.open_database(config.effective_database_url))
 
     @app.before_request

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
+from urllib.parse import urlparse
 
 import click
 
@@ -251,6 +253,102 @@ def demo(port: int, serve: bool) -> None:
     from appliance.demo import run_demo
 
     run_demo(port=port, serve=serve, say=click.echo)
+
+
+# --- execution ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--interval", default=0.5, show_default=True, type=float, help="Seconds between passes."
+)
+def scheduler(interval: float) -> None:
+    """Run the scheduler: plan queued Runs, expire lapsed Data Plane leases."""
+    from appliance.execution.scheduler import run_forever
+
+    config = _open()
+    db.database.close_all()
+    click.echo("animus scheduler running", err=True)
+    run_forever(config, interval=interval)
+
+
+@main.group("dataplane", invoke_without_command=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["runc"]),
+    default="runc",
+    show_default=True,
+    help="Where Runs execute.",
+)
+@click.option(
+    "--control-plane",
+    "control_plane",
+    envvar="ANIMUS_CONTROL_PLANE_URL",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="Base URL of the control plane (ANIMUS_CONTROL_PLANE_URL).",
+)
+@click.option(
+    "--capacity", default=4, show_default=True, type=int, help="Runs executed at the same time."
+)
+@click.option(
+    "--work-dir",
+    envvar="ANIMUS_DATAPLANE_DIR",
+    default=".animus-dataplane",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Workspaces, unpacked images and container state (ANIMUS_DATAPLANE_DIR).",
+)
+@click.pass_context
+def dataplane(
+    ctx: click.Context, backend: str, control_plane: str, capacity: int, work_dir: Path
+) -> None:
+    """Run the Data Plane agent (its credential in ANIMUS_DATAPLANE_TOKEN).
+
+    Register the agent once with `animus dataplane register NAME` on the control plane host.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import os
+
+    from appliance import logs
+    from appliance.execution.agent import main_loop
+    from appliance.execution.runc_backend import RuncBackend
+    from appliance.images.registry import RegistryClient
+
+    credential = os.environ.get("ANIMUS_DATAPLANE_TOKEN", "")
+    if not credential:
+        raise click.ClickException(
+            "set ANIMUS_DATAPLANE_TOKEN to the agent's credential "
+            "(printed by `animus dataplane register`)"
+        )
+    config = _config()
+    if not config.registry_url:
+        raise click.ClickException("set ANIMUS_REGISTRY_URL: runs pull their images from it")
+    logs.configure(config.log_level)
+    work_dir = work_dir.absolute()
+    parsed = urlparse(config.registry_url)
+    registry = RegistryClient(parsed.netloc, tls=parsed.scheme == "https")
+    runc = RuncBackend(work_dir / "runc", registry)
+    click.echo(f"animus dataplane ({backend}) → {control_plane}, capacity {capacity}", err=True)
+    main_loop(control_plane, credential, runc, work_dir / "runs", capacity)
+
+
+@dataplane.command("register")
+@click.argument("name")
+@click.option(
+    "--backend", type=click.Choice(["runc", "kubernetes"]), default="runc", show_default=True
+)
+def dataplane_register(name: str, backend: str) -> None:
+    """Register a Data Plane agent and print its credential (shown once)."""
+    from appliance.auth import identities
+
+    _open()
+    try:
+        _, secret = identities.register_data_plane(_cli_context(), name, backend)
+    except AnimusError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(secret)
 
 
 def _register_image_commands() -> None:

@@ -56,6 +56,29 @@ SETTINGS: dict[str, Setting] = {
         "1: flush every stored blob to disk before it is recorded (durable). 0: skip (tests only).",
     ),
     "log_level": Setting("ANIMUS_LOG_LEVEL", "INFO", "Log level of the JSON logs on stderr."),
+    "secrets_dir": Setting(
+        "ANIMUS_SECRETS_DIR",
+        "/etc/animus/secrets",
+        "The file secret provider's directory: `<project_id>/<NAME>` files, mode 0600. "
+        "Kept outside the data dir: secret values are never stored with our data.",
+    ),
+    "registry_url": Setting(
+        "ANIMUS_REGISTRY_URL",
+        "",
+        "The local OCI registry (e.g. `http://127.0.0.1:5000`) that holds every environment "
+        "image; production Runs verify their EnvironmentLock's digest there.",
+    ),
+    "environment_repository": Setting(
+        "ANIMUS_ENVIRONMENT_REPOSITORY",
+        "animus/environments",
+        "Registry repository of environment images (EnvironmentLocks pin digests in it).",
+    ),
+    "lease_seconds": Setting(
+        "ANIMUS_LEASE_SECONDS",
+        "30",
+        "How long a Data Plane's lease on a Run lasts without a heartbeat; then the Run "
+        "becomes `unknown` until the Data Plane reports again.",
+    ),
 }
 
 
@@ -74,6 +97,10 @@ class Config:
     max_token_ttl_seconds: int
     blob_fsync: bool
     log_level: str
+    secrets_dir: Path
+    registry_url: str
+    environment_repository: str
+    lease_seconds: int
 
     @property
     def blob_dir(self) -> Path:

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -89,17 +90,43 @@ def tar_of(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _git_head(repo: Path) -> tuple[str, str] | None:
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return f"file://{repo.resolve()}", sha
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CODE = REPO_ROOT / "demo" / "credit-risk"
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Animus Demo",
+    "GIT_AUTHOR_EMAIL": "demo@animus.invalid",
+    "GIT_COMMITTER_NAME": "Animus Demo",
+    "GIT_COMMITTER_EMAIL": "demo@animus.invalid",
+    # Fixed dates: the same demo code always becomes the same commit SHA.
+    "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z",
+    "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
+}
+
+
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        env={**os.environ, **_GIT_ENV},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def code_repository(data_dir: Path) -> tuple[str, str]:
+    """The demo's training code as a bare git repository the Data Plane can reach."""
+    work = data_dir / "code-work"
+    bare = data_dir / "code.git"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shutil.copy2(DEMO_CODE / "train.py", work / "train.py")
+    _git("init", "-q", "-b", "main", cwd=work)
+    _git("add", "train.py", cwd=work)
+    _git("commit", "-q", "-m", "Train the credit-risk model", cwd=work)
+    shutil.rmtree(bare, ignore_errors=True)
+    _git("clone", "-q", "--bare", str(work), str(bare), cwd=data_dir)
+    return f"file://{bare}", _git("rev-parse", "HEAD", cwd=work)
 
 
 def _wait_ready(base: str, process: subprocess.Popen, timeout: float = 60) -> None:
@@ -117,6 +144,49 @@ def _wait_ready(base: str, process: subprocess.Popen, timeout: float = 60) -> No
     raise click.ClickException(f"the control plane did not become ready within {timeout:.0f} s")
 
 
+def _wait_run(api: DemoApi, pid: str, run_id: str, say, timeout: float = 600) -> dict:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        run = api.call("GET", f"/api/v1/projects/{pid}/runs/{run_id}")
+        if run["state"] != last:
+            say(f"    {run_id}: {run['state']}")
+            last = run["state"]
+        if run["state"] in ("succeeded", "failed", "canceled"):
+            return run
+        time.sleep(0.5)
+    raise click.ClickException(f"run {run_id} did not finish within {timeout:.0f} s")
+
+
+class Processes:
+    """The appliance's processes for the demo; stopped together."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.log_dir = log_dir
+        self.env = env
+        self.running: list[subprocess.Popen] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        with open(self.log_dir / f"{name}.log", "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "appliance", *args],
+                stdout=log_file,
+                stderr=log_file,
+                env=self.env,
+            )
+        self.running.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.running:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
     from appliance import db
     from appliance.audit import log as audit_log
@@ -124,16 +194,36 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
     from appliance.config import Config
     from appliance.domain.context import SYSTEM, Context
     from appliance.domain.records import User
+    from appliance.images.build import build_image
+    from appliance.images.definition import load_definition
+    from appliance.images.envbuild import build_environment, load_environment_definition
+    from appliance.images.layout import Layout
+    from appliance.images.packages import fill_wheelhouse
+    from appliance.images.progress import StreamProgress
+    from appliance.images.registry import RegistryClient, push_image
+    from appliance.images.registry_server import RegistrySettings, start_registry
 
     data_dir = Path(os.environ.get("ANIMUS_DATA_DIR", ".animus-demo")).absolute()
-    os.environ["ANIMUS_DATA_DIR"] = str(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    registry_port = port + 1
+    env = {
+        **os.environ,
+        "ANIMUS_DATA_DIR": str(data_dir),
+        "ANIMUS_REGISTRY_URL": f"http://127.0.0.1:{registry_port}",
+        "ANIMUS_ENVIRONMENT_REPOSITORY": "animus/environments",
+        "ANIMUS_CONTROL_PLANE_URL": f"http://127.0.0.1:{port}",
+        "ANIMUS_DATAPLANE_DIR": str(data_dir / "dataplane"),
+        "ANIMUS_SECRETS_DIR": str(data_dir.parent / (data_dir.name + "-secrets")),
+    }
+    os.environ.update(env)
     config = Config.from_env()
-    say(f"1/6 database: {config.effective_database_url.split('@')[-1]}")
+    progress = StreamProgress(sys.stdout)
+    processes = Processes(data_dir, env)
+
+    say(f"1/9 database: {config.effective_database_url.split('@')[-1]}")
     db.bind(db.open_database(config.effective_database_url))
     db.upgrade(log=lambda line: say(f"    {line}"))
-
     ctx = Context(SYSTEM, "demo")
-    say("2/6 users: demo-admin (system admin, owns the demo project), demo-viewer")
     for name, role in ((DEMO_ADMIN, "admin"), (DEMO_VIEWER, None)):
         if User.get_or_none(User.username == name) is None:
             identities.create_user(ctx, name, None, role)
@@ -143,37 +233,61 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
     _, viewer_token = identities.issue_token(
         ctx, ttl_seconds=7 * 86400, user=identities.user_by_name(DEMO_VIEWER), name="demo"
     )
+    plane_name = f"demo-host-{secrets.token_hex(2)}"
+    _, env["ANIMUS_DATAPLANE_TOKEN"] = identities.register_data_plane(ctx, plane_name, "runc")
     db.database.close_all()
 
-    base = f"http://127.0.0.1:{port}"
-    log_path = data_dir / "control-plane.log"
-    say(f"3/6 control plane: {base} (log: {log_path})")
-    with open(log_path, "ab") as log_file:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "appliance",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-upgrade",
-            ],
-            stdout=log_file,
-            stderr=log_file,
-            env={**os.environ},
-        )
+    say(f"2/9 local OCI registry on 127.0.0.1:{registry_port}")
+    registry = start_registry(
+        RegistrySettings(state_dir=data_dir / "registry", listen=f"127.0.0.1:{registry_port}"),
+        log=data_dir / "registry.log",
+    )
     try:
+        client = RegistryClient(registry.address)
+        say("3/9 runner image: built reproducibly from its lock, pushed by digest")
+        built = build_image(
+            load_definition(REPO_ROOT / "images" / "runner"),
+            data_dir / "images" / "runner",
+            progress=progress,
+        )
+        layout = Layout(built.layout)
+        runner = push_image(layout, layout.image(), client, "animus/runner", progress=progress)
+        say(f"    {runner.reference}")
+
+        say("4/9 environment: scikit-learn + numpy from the offline wheelhouse")
+        definition = load_environment_definition(DEMO_CODE / "environment.toml")
+        wheelhouse = REPO_ROOT / "offline-wheels"
+        if not any(wheelhouse.glob("scikit_learn-*.whl")):
+            say(f"    filling {wheelhouse} (build-host step; a bundle carries it)")
+            fill_wheelhouse(definition.packages, wheelhouse)
+        lock_data = build_environment(
+            definition,
+            base=runner.reference,
+            wheelhouse=wheelhouse,
+            client=client,
+            repository="animus/environments",
+            progress=progress,
+        )
+        say(f"    {lock_data['image_reference']}")
+
+        say(f"5/9 control plane http://127.0.0.1:{port}, scheduler, Data Plane agent (runc)")
+        server = processes.start(
+            "control-plane", "serve", "--host", "127.0.0.1", "--port", str(port), "--no-upgrade"
+        )
+        base = f"http://127.0.0.1:{port}"
         _wait_ready(base, server)
+        processes.start("scheduler", "scheduler", "--interval", "0.3")
+        processes.start("dataplane", "dataplane", "--capacity", "2")
         api = DemoApi(base, admin_token)
-        say("4/6 project, dataset version, code ref, environment, viewer role")
-        name = f"credit-risk-{secrets.token_hex(2)}"
+
+        say("6/9 project, dataset version, code at a commit, environment lock")
         project = api.call(
             "POST",
             "/api/v1/projects",
-            {"name": name, "description": "Seeded by ./install.sh --demo"},
+            {
+                "name": f"credit-risk-{secrets.token_hex(2)}",
+                "description": "Seeded by ./install.sh --demo",
+            },
         )
         pid = project["id"]
         dataset = api.call("POST", f"/api/v1/projects/{pid}/datasets", {"name": "applicants"})
@@ -189,44 +303,89 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
             content_type="application/x-tar",
         )
         say(f"    dataset version {version['id']} {version['digest']}")
-        head = _git_head(Path(__file__).resolve().parents[1])
-        if head:
-            code = api.call(
-                "POST",
-                f"/api/v1/projects/{pid}/code-refs",
-                {"repo_url": head[0], "commit_sha": head[1]},
-            )
-            say(f"    code ref {code['id']} at commit {code['commit_sha'][:12]}")
+        repo_url, sha = code_repository(data_dir)
+        code = api.call(
+            "POST", f"/api/v1/projects/{pid}/code-refs", {"repo_url": repo_url, "commit_sha": sha}
+        )
+        say(f"    code ref {code['id']} at commit {sha[:12]}")
         environment = api.call(
             "POST",
             f"/api/v1/projects/{pid}/environments",
-            {"name": "sklearn", "base_image": "runner", "packages": ["numpy", "scikit-learn"]},
+            {
+                "name": definition.name,
+                "base_image": runner.reference,
+                "packages": list(definition.packages),
+            },
         )
-        say(f"    environment {environment['id']} (locks are built by `animus env build`)")
+        lock = api.call(
+            "POST",
+            f"/api/v1/projects/{pid}/environment-locks",
+            {
+                "environment_id": environment["id"],
+                "image_digest": lock_data["image_digest"],
+                "packages": [
+                    {
+                        "name": p["name"],
+                        "version": p["version"],
+                        "sha256": "sha256:" + p["sha256"].removeprefix("sha256:"),
+                    }
+                    for p in lock_data["packages"]
+                ],
+            },
+        )
+        say(f"    environment lock {lock['id']} {lock['image_digest']}")
         api.call("PUT", f"/api/v1/projects/{pid}/members/{DEMO_VIEWER}", {"role": "viewer"})
-        snapshot = api.call("POST", f"/api/v1/projects/{pid}/policy-snapshots")
-        say(f"    policy snapshot {snapshot['id']} {snapshot['digest']}")
 
-        say("5/6 audit chain")
+        say("7/9 production run: train the model in a runc container")
+        run = api.call(
+            "POST",
+            f"/api/v1/projects/{pid}/runs",
+            {
+                "production": True,
+                "code_ref_id": code["id"],
+                "environment_lock_id": lock["id"],
+                "inputs": [{"name": "applicants", "dataset_version_id": version["id"]}],
+                "command": ["python3", "train.py", "--c", "0.5"],
+                "parameters": {"c": 0.5},
+                "env": {"OMP_NUM_THREADS": "1"},
+            },
+        )
+        run = _wait_run(api, pid, run["id"], say)
+        if run["state"] != "succeeded":
+            raise click.ClickException(f"the training run {run['state']}: {run['reason']}")
+        metrics = api.call("GET", f"/api/v1/projects/{pid}/runs/{run['id']}/metrics")["metrics"]
+        say("    metrics: " + ", ".join(f"{k}={v[-1]['value']}" for k, v in metrics.items()))
+        for artifact in api.call("GET", f"/api/v1/projects/{pid}/runs/{run['id']}/artifacts"):
+            say(f"    artifact {artifact['path']} sha256:{artifact['sha256'][:16]}…")
+
+        say("8/9 replay from the frozen execution snapshot")
+        replay = api.call("POST", f"/api/v1/projects/{pid}/runs/{run['id']}/replay")
+        replay = _wait_run(api, pid, replay["id"], say)
+        verdict = api.call("GET", f"/api/v1/projects/{pid}/runs/{replay['id']}")["reproducibility"]
+        say(f"    reproduced: {verdict['reproduced']}")
+        if verdict["reproduced"] != "identical":
+            raise click.ClickException(f"the replay differs: {verdict['differences']}")
+
+        say("9/9 audit chain")
         db.bind(db.open_database(config.effective_database_url))
-        verdict = audit_log.verify()
+        chain = audit_log.verify()
         db.database.close_all()
-        say(f"    {verdict}")
-        if not verdict.ok:
+        say(f"    {chain}")
+        if not chain.ok:
             raise click.ClickException("the audit chain does not verify")
 
-        say("6/6 done. Try it:")
+        say("Done. Look around:")
         say(f"    export ANIMUS_URL={base} ANIMUS_TOKEN={admin_token}")
         say(
             '    curl -s -H "Authorization: Bearer $ANIMUS_TOKEN" '
-            f"$ANIMUS_URL/api/v1/projects/{pid} "
+            f"$ANIMUS_URL/api/v1/projects/{pid}/runs/{run['id']}"
         )
         say(
             '    curl -s -H "Authorization: Bearer $ANIMUS_TOKEN" '
-            f"$ANIMUS_URL/api/v1/projects/{pid}/audit-events"
+            f"$ANIMUS_URL/api/v1/projects/{pid}/runs/{run['id']}/logs"
         )
         say(f"    viewer token (read-only): {viewer_token}")
-        say(f"    API reference: {base}/api/v1/openapi.json · docs/api.md")
+        say(f"    logs of each process: {data_dir}/*.log")
         say(f"    ANIMUS_DATA_DIR={data_dir} .venv/bin/animus audit verify")
         if serve:
             say("Serving until Ctrl-C.")
@@ -234,6 +393,5 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        if server.poll() is None:
-            server.terminate()
-            server.wait(10)
+        processes.stop()
+        registry.stop()

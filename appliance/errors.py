@@ -31,6 +31,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "idempotency_key_reused": 422,
     "validation_failed": 422,
     "cross_project_reference": 422,
+    "production_requirements_unmet": 422,
+    "invalid_state": 409,
+    "lease_lost": 409,
+    "log_gap": 409,
     "invalid_digest": 422,
     # uploads
     "empty_upload": 422,

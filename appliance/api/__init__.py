@@ -6,8 +6,18 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from appliance.api import audit, code, datasets, errors, identity, openapi, projects
+    from appliance.api import (
+        audit,
+        code,
+        dataplane,
+        datasets,
+        errors,
+        identity,
+        openapi,
+        projects,
+        runs,
+    )
 
-    for module in (projects, datasets, code, identity, audit, openapi):
+    for module in (projects, datasets, code, runs, identity, audit, dataplane, openapi):
         app.register_blueprint(module.bp)
     errors.init_app(app)

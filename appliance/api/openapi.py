@@ -53,7 +53,16 @@ def _operation(op: Operation) -> dict:
             "required": True,
             "content": {"application/json": {"schema": op.body}},
         }
-    if op.upload:
+    if op.upload and op.request_media:
+        doc["requestBody"] = {
+            "required": True,
+            "content": {
+                op.request_media: {
+                    "schema": {"type": "string", "contentMediaType": op.request_media}
+                }
+            },
+        }
+    elif op.upload:
         doc["requestBody"] = {
             "required": True,
             "content": {

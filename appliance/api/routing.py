@@ -40,7 +40,8 @@ class Operation:
     summary: str
     tag: str
     body: dict | None = None  # JSON schema of a JSON request body
-    upload: bool = False  # the body is a dataset upload (multipart or tar), read by the view
+    upload: bool = False  # the body is a stream the view reads itself (not JSON)
+    request_media: str | None = None  # the stream's media type, when not a dataset upload
     response: dict | None = None  # JSON schema of the success body
     status: int = 200
     public: bool = False

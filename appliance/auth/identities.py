@@ -16,6 +16,7 @@ from appliance.auth import passwords
 from appliance.domain.context import Context, Principal
 from appliance.domain.records import (
     ApiToken,
+    DataPlane,
     Project,
     RoleBinding,
     ServiceAccount,
@@ -23,9 +24,10 @@ from appliance.domain.records import (
     new_id,
     utc_now,
 )
-from appliance.errors import AnimusError, Conflict, NotFound, ValidationFailed
+from appliance.errors import AnimusError, NotFound, ValidationFailed
 
 USERNAME = re.compile(r"^[a-z][a-z0-9._-]{1,63}$")
+DATA_PLANE_TOKEN_PREFIX = "anmdp_"  # noqa: S105 (a prefix, not a secret)
 TOKEN_PREFIX = "anm_"  # noqa: S105 (a prefix, not a secret)
 SYSTEM_ROLES = ("admin", "auditor")
 
@@ -183,8 +185,34 @@ def revoke_token(ctx: Context, token: ApiToken) -> ApiToken:
     return token
 
 
+def register_data_plane(ctx: Context, name: str, backend: str) -> tuple[DataPlane, str]:
+    """Register a Data Plane agent; returns it and its credential (shown once)."""
+    if not USERNAME.match(name):
+        raise ValidationFailed("a Data Plane name is 2-64 of a-z 0-9 . _ -, starting with a letter")
+    secret = DATA_PLANE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with db.write_transaction():
+        if DataPlane.get_or_none(DataPlane.name == name):
+            raise AnimusError(f"a Data Plane named {name!r} exists", code="already_exists")
+        plane = DataPlane.create(
+            id=new_id("dp"), name=name, token_hash=_token_digest(secret), backend=backend
+        )
+        audit.record(
+            ctx,
+            Action.DATA_PLANE_REGISTERED,
+            object_type="data_plane",
+            object_id=plane.id,
+            payload={"name": name, "backend": backend},
+        )
+    return plane, secret
+
+
 def principal_for_token(secret: str) -> Principal | None:
     """The principal a bearer token stands for, or None if it is unknown, expired or revoked."""
+    if secret.startswith(DATA_PLANE_TOKEN_PREFIX) and len(secret) <= 128:
+        plane = DataPlane.get_or_none(DataPlane.token_hash == _token_digest(secret))
+        if plane is None or plane.revoked_at is not None:
+            return None
+        return Principal(kind="data_plane", id=plane.id, name=plane.name)
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 128:
         return None
     token = ApiToken.get_or_none(ApiToken.token_hash == _token_digest(secret))
@@ -226,11 +254,3 @@ def authenticate_password(ctx: Context, username: str, password: str) -> User:
     if not ok:
         raise AnimusError("wrong username or password", code="invalid_credentials")
     return user
-
-
-def ensure_unique(model, message: str, **where) -> None:
-    query = model.select()
-    for field, value in where.items():
-        query = query.where(getattr(model, field) == value)
-    if query.exists():
-        raise Conflict(message)

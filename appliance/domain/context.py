@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class Principal:
     """An authenticated caller (or the system itself, or nobody)."""
 
-    kind: str  # "user" | "service_account" | "system" | "anonymous"
+    kind: str  # "user" | "service_account" | "data_plane" | "system" | "anonymous"
     id: str | None = None
     name: str = ""
     system_role: str | None = None  # "admin" | "auditor" for users
@@ -23,11 +23,13 @@ class Principal:
             return f"user:{self.name}"
         if self.kind == "service_account":
             return f"service_account:{self.project_id}/{self.name}"
+        if self.kind == "data_plane":
+            return f"data_plane:{self.name}"
         return self.kind
 
     @property
     def authenticated(self) -> bool:
-        return self.kind in {"user", "service_account", "system"}
+        return self.kind in {"user", "service_account", "system", "data_plane"}
 
     @property
     def is_system_admin(self) -> bool:

@@ -250,3 +250,99 @@ class IdempotencyRecord(Record):
     class Meta:
         table_name = "idempotency_records"
         primary_key = peewee.CompositeKey("principal", "key")
+
+
+class DataPlane(Record):
+    id = peewee.TextField(primary_key=True)
+    name = peewee.TextField(unique=True)
+    token_hash = peewee.TextField(unique=True)
+    backend = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+    last_seen_at = peewee.TextField(null=True)
+    revoked_at = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "data_planes"
+
+
+class Run(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    state = peewee.TextField()
+    production = peewee.BooleanField()
+    code_ref_id = peewee.TextField()
+    environment_lock_id = peewee.TextField()
+    inputs = JSONField()
+    command = JSONField()
+    parameters = JSONField()
+    env = JSONField()
+    secrets = JSONField()
+    resources = JSONField(null=True)
+    limitations = JSONField()
+    source_run_id = peewee.TextField(null=True)
+    source_kind = peewee.TextField(null=True)
+    policy_snapshot_id = peewee.TextField(null=True)
+    snapshot_id = peewee.TextField(null=True)
+    data_plane_id = peewee.TextField(null=True)
+    lease_expires_at = peewee.TextField(null=True)
+    cancel_requested = peewee.BooleanField(default=False)
+    exit_code = peewee.IntegerField(null=True)
+    reason = peewee.TextField(null=True)
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+    queued_at = peewee.TextField(null=True)
+    planned_at = peewee.TextField(null=True)
+    started_at = peewee.TextField(null=True)
+    finished_at = peewee.TextField(null=True)
+    log_size = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "runs"
+
+
+class ExecutionSnapshot(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    run_id = peewee.TextField(unique=True)
+    snapshot = JSONField()
+    digest = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+
+    class Meta:
+        table_name = "execution_snapshots"
+
+
+class RunMetric(Record):
+    run_id = peewee.TextField()
+    seq = peewee.IntegerField()
+    name = peewee.TextField()
+    value = peewee.DoubleField()
+    step = peewee.BigIntegerField(null=True)
+    at = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "run_metrics"
+        primary_key = peewee.CompositeKey("run_id", "seq")
+
+
+class Artifact(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    run_id = peewee.TextField()
+    path = peewee.TextField()
+    sha256 = peewee.TextField()
+    size = peewee.BigIntegerField()
+    created_at = peewee.TextField(default=utc_now)
+
+    class Meta:
+        table_name = "artifacts"
+
+
+class RunLogChunk(Record):
+    run_id = peewee.TextField()
+    offset = peewee.BigIntegerField()
+    data = peewee.TextField()
+
+    class Meta:
+        table_name = "run_log_chunks"
+        primary_key = peewee.CompositeKey("run_id", "offset")

@@ -329,3 +329,17 @@ def fetch_wheels(
 def as_dict(item: DebianPackage | Wheel) -> dict:
     """JSON-ready form of a pinned package."""
     return asdict(item)
+
+
+def fill_wheelhouse(
+    requirements: Iterable[str],
+    dest: Path,
+    platform: str = "manylinux_2_36_x86_64",
+    python_version: str = "3.11",
+) -> None:
+    """Download REQUIREMENTS and their dependencies as wheels for the runner's platform into
+    DEST (build host only: this is the step that needs the package index)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
+    args += ["--dest", str(dest), *_pip_platform_args(platform, python_version)]
+    _run([*args, *requirements], what="filling the wheelhouse")

@@ -6,6 +6,7 @@ Refused mutations by authenticated callers must leave an ``authz:request:denied`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import tarfile
@@ -13,7 +14,10 @@ import tarfile
 import pytest
 
 from appliance.api.routing import OPERATIONS
+from appliance.auth import identities
+from appliance.domain.context import SYSTEM, Context
 from appliance.domain.records import AuditEvent
+from appliance.execution import scheduler
 
 CALLERS = ("anonymous", "viewer", "editor", "admin", "other_admin", "auditor", "service_account")
 
@@ -62,6 +66,27 @@ EXPECTED: dict[str, tuple[int, ...]] = {
     "code.get_lock": (401, 200, 200, 200, 404, 404, 200),
     "code.patch_lock": (401, 403, 409, 409, 404, 404, 409),
     "code.delete_lock": (401, 403, 409, 409, 404, 404, 409),
+    "runs.create_run": (401, 403, 201, 201, 404, 404, 201),
+    "runs.list_runs": (401, 200, 200, 200, 404, 404, 200),
+    "runs.get_run": (401, 200, 200, 200, 404, 404, 200),
+    "runs.get_snapshot": (401, 200, 200, 200, 404, 404, 200),
+    "runs.get_logs": (401, 200, 200, 200, 404, 404, 200),
+    "runs.get_metrics": (401, 200, 200, 200, 404, 404, 200),
+    "runs.list_artifacts": (401, 200, 200, 200, 404, 404, 200),
+    "runs.download_artifact": (401, 200, 200, 200, 404, 404, 200),
+    "runs.cancel_run": (401, 403, 200, 200, 404, 404, 200),
+    "runs.rerun": (401, 403, 201, 201, 404, 404, 201),
+    "runs.retry": (401, 403, 409, 409, 404, 404, 409),
+    "runs.replay": (401, 403, 201, 201, 404, 404, 201),
+    "dataplane.lease": (401, 403, 403, 403, 403, 403, 403),
+    "dataplane.reconcile": (401, 403, 403, 403, 403, 403, 403),
+    "dataplane.heartbeat": (401, 403, 403, 403, 403, 403, 403),
+    "dataplane.secret_value": (401, 403, 403, 403, 403, 403, 403),
+    "dataplane.report_state": (401, 403, 403, 403, 403, 403, 403),
+    "dataplane.append_logs": (401, 403, 403, 403, 403, 403, 403),
+    "dataplane.add_metrics": (401, 403, 403, 403, 403, 403, 403),
+    "dataplane.put_artifact": (401, 403, 403, 403, 403, 403, 403),
+    "dataplane.input_file": (401, 403, 403, 403, 403, 403, 403),
     "audit.project_events": (401, 403, 403, 200, 404, 200, 403),
     "audit.all_events": (401, 403, 403, 403, 403, 200, 403),
     "audit.chain_status": (401, 403, 403, 403, 403, 200, 403),
@@ -93,7 +118,7 @@ def world(server, make_user, project):
     return callers
 
 
-def test_every_route_for_every_caller(server, alice, project, world):
+def test_every_route_for_every_caller(server, alice, project, world, config):
     pid = project["id"]
     api = alice.api
     for role in ("viewer", "editor"):
@@ -125,6 +150,23 @@ def test_every_route_for_every_caller(server, alice, project, world):
     ).json()
     snapshot = api.post(f"/api/v1/projects/{pid}/policy-snapshots").json()
     spare_token = api.post("/api/v1/tokens", json={"name": "spare"}).json()
+    run_spec = {
+        "code_ref_id": code_ref["id"],
+        "environment_lock_id": lock["id"],
+        "inputs": [{"dataset_version_id": version["id"]}],
+        "command": ["true"],
+    }
+    run = api.post(f"/api/v1/projects/{pid}/runs", json=run_spec).json()
+    scheduler.tick(config)
+    _, credential = identities.register_data_plane(Context(SYSTEM, "test"), "dp", "runc")
+    plane = server.client(credential)
+    plane.post("/api/v1/dataplane/leases", json={"capacity": 1})
+    plane.post(f"/api/v1/dataplane/runs/{run['id']}/state", json={"state": "running"})
+    plane.put(
+        f"/api/v1/dataplane/runs/{run['id']}/artifacts/a/b.csv",
+        data=b"out",
+        headers={"X-Content-SHA256": hashlib.sha256(b"out").hexdigest()},
+    )
 
     params = {
         "project_id": pid,
@@ -138,6 +180,8 @@ def test_every_route_for_every_caller(server, alice, project, world):
         "account_id": account["id"],
         "username": "guest",
         "token_id": spare_token["id"],
+        "run_id": run["id"],
+        "name": "S",
     }
     counter = itertools.count()
 
@@ -160,6 +204,12 @@ def test_every_route_for_every_caller(server, alice, project, world):
                 "image_digest": "sha256:" + "e" * 64,
                 "packages": [],
             },
+            "runs.create_run": run_spec,
+            "dataplane.lease": {"capacity": 1},
+            "dataplane.reconcile": {"known_run_ids": []},
+            "dataplane.report_state": {"state": "running"},
+            "dataplane.append_logs": {"offset": 0, "data": "x"},
+            "dataplane.add_metrics": {"records": []},
         }
         if endpoint == "datasets.create_version":
             return {
