@@ -260,7 +260,7 @@ def demo(port: int, serve: bool) -> None:
 
 @main.command()
 @click.option(
-    "--interval", default=0.5, show_default=True, type=float, help="Seconds between passes."
+    "--interval", default=0.05, show_default=True, type=float, help="Seconds between passes."
 )
 def scheduler(interval: float) -> None:
     """Run the scheduler: plan queued Runs, expire lapsed Data Plane leases."""

@@ -7,6 +7,8 @@ placed by offset, metrics by sequence number, artifacts by path and digest.
 
 from __future__ import annotations
 
+import time
+
 from flask import Blueprint, current_app, request, send_file
 
 from appliance import db
@@ -60,12 +62,22 @@ def render_lease(run: Run) -> dict:
     "/leases",
     summary="Lease planned runs up to the agent's free capacity",
     tag=TAG,
-    body=s.body({"capacity": {"type": "integer", "minimum": 0, "maximum": 256}}),
+    body=s.body(
+        {"capacity": {"type": "integer", "minimum": 0, "maximum": 256}},
+        {"wait_seconds": {"type": "number", "minimum": 0, "maximum": 30}},
+    ),
     response=s.obj({"runs": {"type": "array"}, "contract": {"type": "string"}}),
     errors=(403,),
 )
 def lease(body):
-    leased = runs.lease_runs(context(), plane(), body["capacity"], _lease_seconds())
+    holder = plane()
+    # Long poll: an idle agent learns of a planned run within ~20 ms instead of its next poll.
+    deadline = time.monotonic() + body.get("wait_seconds", 0)
+    while body["capacity"] and time.monotonic() < deadline and not runs.lease_available(holder):
+        db.database.close()
+        time.sleep(0.02)
+        db.database.connect(reuse_if_open=True)
+    leased = runs.lease_runs(context(), holder, body["capacity"], _lease_seconds())
     return {
         "contract": CONTRACT_VERSION,
         "lease_seconds": _lease_seconds(),

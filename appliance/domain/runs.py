@@ -411,6 +411,19 @@ def lease_runs(ctx: Context, plane: DataPlane, capacity: int, lease_seconds: int
     return held + fresh
 
 
+def lease_available(plane: DataPlane) -> bool:
+    """Whether a lease call would hand ``plane`` a planned run (a cheap read, no lock)."""
+    return (
+        Run.select()
+        .where(
+            (Run.state == "planned")
+            & (Run.data_plane_id.is_null() | (Run.data_plane_id == plane.id))
+            & Run.started_at.is_null()
+        )
+        .exists()
+    )
+
+
 def held_run(plane: DataPlane, run_id: str) -> Run:
     run = Run.get_or_none(Run.id == run_id)
     if run is None or run.data_plane_id != plane.id:

@@ -83,13 +83,15 @@ class DataPlaneAgent:
         work_dir: Path,
         *,
         capacity: int = 4,
-        interval: float = 0.5,
+        interval: float = 0.25,
+        long_poll: float = 5.0,
     ):
         self.control = control
         self.backend = backend
         self.work_dir = Path(work_dir)
         self.capacity = capacity
         self.interval = interval
+        self.long_poll = long_poll
         self.tracked: dict[str, Tracked] = {}
 
     # --- start-up ------------------------------------------------------------------------
@@ -109,9 +111,12 @@ class DataPlaneAgent:
     def tick(self) -> None:
         free = self.capacity - len(self.tracked)
         if free > 0:
-            for lease in self.control.call("POST", "/leases", json={"capacity": self.capacity})[
-                "runs"
-            ]:
+            # With nothing to follow, wait at the control plane for work instead of sleeping.
+            wait = 0 if self.tracked else self.long_poll
+            answer = self.control.call(
+                "POST", "/leases", json={"capacity": self.capacity, "wait_seconds": wait}
+            )
+            for lease in answer["runs"]:
                 fresh = lease["run_id"] not in self.tracked and lease["state"] == "planned"
                 if fresh and len(self.tracked) < self.capacity:
                     self.launch(lease)
@@ -316,7 +321,7 @@ class DataPlaneAgent:
                 self.tick()
             except (requests.RequestException, ContractError):
                 log.exception("control plane call failed; retrying")
-            stop.wait(self.interval)
+            stop.wait(self.interval if self.tracked else 0)
 
 
 def main_loop(
@@ -325,7 +330,7 @@ def main_loop(
     backend: Backend,
     work_dir: Path,
     capacity: int,
-    interval: float = 0.5,
+    interval: float = 0.25,
 ) -> None:
     agent = DataPlaneAgent(
         ControlPlane(base_url, credential), backend, work_dir, capacity=capacity, interval=interval

@@ -72,7 +72,7 @@ def tick(config: Config, *, batch: int = 50) -> dict[str, int]:
 
 
 def run_forever(
-    config: Config, *, interval: float = 0.5, stop: threading.Event | None = None
+    config: Config, *, interval: float = 0.05, stop: threading.Event | None = None
 ) -> None:
     stop = stop or threading.Event()
     db.bind(db.open_database(config.effective_database_url))
