@@ -98,7 +98,7 @@ def lease(body):
     errors=(403,),
 )
 def reconcile(body):
-    settled = runs.forget_unknown_to(context(), plane(), set(body["known_run_ids"]))
+    settled = runs.settle_forgotten_runs(context(), plane(), set(body["known_run_ids"]))
     return {"settled": [{"run_id": r.id, "state": Run.get_by_id(r.id).state} for r in settled]}
 
 

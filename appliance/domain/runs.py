@@ -85,7 +85,7 @@ def _in_project(model, object_id: str, project: Project, field: str, what: str):
     return found
 
 
-def _change_state(ctx: Context, run: Run, state: str, **fields: Any) -> None:
+def change_state(ctx: Context, run: Run, state: str, **fields: Any) -> None:
     """Move ``run`` to ``state`` and record the event, in the caller's transaction."""
     previous = run.state
     run.state = state
@@ -272,7 +272,7 @@ def cancel_run(ctx: Context, run: Run) -> Run:
         if run.state in TERMINAL:
             raise AnimusError(f"the run is already {run.state}", code="invalid_state")
         if run.data_plane_id is None:
-            _change_state(ctx, run, "canceled", reason="canceled", finished_at=utc_now())
+            change_state(ctx, run, "canceled", reason="canceled", finished_at=utc_now())
         elif not run.cancel_requested:
             run.cancel_requested = True
             Run.update(cancel_requested=True).where(Run.id == run.id).execute()
@@ -364,7 +364,7 @@ def plan_run(ctx: Context, run: Run, *, image_repository: str, resolve_ref: RefR
             snapshot=snapshot,
             digest="sha256:" + hashlib.sha256(text.encode()).hexdigest(),
         )
-        _change_state(
+        change_state(
             ctx,
             run,
             "planned",
@@ -435,7 +435,7 @@ def heartbeat(ctx: Context, plane: DataPlane, run_id: str, lease_seconds: int) -
     with db.write_transaction():
         run = held_run(plane, run_id)
         if run.state == "unknown":
-            _change_state(ctx, run, "reconciling")
+            change_state(ctx, run, "reconciling")
         Run.update(lease_expires_at=_later(lease_seconds)).where(Run.id == run.id).execute()
         DataPlane.update(last_seen_at=utc_now()).where(DataPlane.id == plane.id).execute()
     return run
@@ -467,11 +467,11 @@ def report_state(
                 finished_at=utc_now(),
                 started_at=run.started_at or utc_now(),
             )
-        _change_state(ctx, run, state, **fields)
+        change_state(ctx, run, state, **fields)
     return run
 
 
-def forget_unknown_to(ctx: Context, plane: DataPlane, known: set[str]) -> list[Run]:
+def settle_forgotten_runs(ctx: Context, plane: DataPlane, known: set[str]) -> list[Run]:
     """After a Data Plane restarts: runs it holds but no longer knows.
 
     Never started: back to the queue of planned runs (nothing ran, so nothing is duplicated).
@@ -490,9 +490,9 @@ def forget_unknown_to(ctx: Context, plane: DataPlane, known: set[str]) -> list[R
                     Run.id == run.id
                 ).execute()
             elif run.started_at is None:
-                _change_state(ctx, run, "planned", data_plane_id=None, lease_expires_at=None)
+                change_state(ctx, run, "planned", data_plane_id=None, lease_expires_at=None)
             else:
-                _change_state(ctx, run, "failed", reason="lost", finished_at=utc_now())
+                change_state(ctx, run, "failed", reason="lost", finished_at=utc_now())
             changed.append(run)
     return changed
 
@@ -507,7 +507,7 @@ def expire_leases(ctx: Context) -> list[Run]:
             & Run.data_plane_id.is_null(False)
             & (Run.lease_expires_at < now)
         ):
-            _change_state(ctx, run, "unknown", reason="lease expired")
+            change_state(ctx, run, "unknown", reason="lease expired")
             changed.append(run)
     return changed
 

@@ -59,7 +59,7 @@ def tick(config: Config, *, batch: int = 50) -> dict[str, int]:
             with db.write_transaction():
                 fresh = Run.get_by_id(run.id)
                 if fresh.state == "queued":
-                    runs._change_state(
+                    runs.change_state(
                         ctx,
                         fresh,
                         "failed",
