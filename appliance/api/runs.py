@@ -132,6 +132,7 @@ def render_run(run: Run, *, detail: bool = False) -> dict:
     }
     if detail:
         rendered["reproducibility"] = runs.reproducibility(run)
+        rendered["approvals"] = runs.approvals_of(run)
     return rendered
 
 
@@ -338,6 +339,21 @@ def download_artifact(project_id, run_id, path):
     )
     response.content_length = artifact.size
     return response
+
+
+@operation(
+    bp,
+    "POST",
+    "/<run_id>/approve",
+    summary="Approve a production run awaiting approvals (project admins; not its creator)",
+    tag=TAG,
+    body=s.body({"reason": {"type": "string", "minLength": 1, "maxLength": 2000}}),
+    response=RUN,
+    errors=(400, 403, 404, 409, 422),
+)
+def approve_run(project_id, run_id, body):
+    run = _run(project_id, run_id, Permission.PROJECT_ADMIN)
+    return render_run(runs.approve_run(context(), run, body["reason"]), detail=True)
 
 
 @operation(

@@ -28,6 +28,7 @@ class Action(StrEnum):
     RUN_CREATED = "run:record:created"
     RUN_STATE_CHANGED = "run:state:changed"
     RUN_CANCEL_REQUESTED = "run:cancel:requested"
+    RUN_APPROVED = "run:approval:granted"
     ARTIFACT_RECORDED = "run:artifact:recorded"
     SECRET_DELIVERED = "secret:value:delivered"
     DATA_PLANE_REGISTERED = "dataplane:record:registered"

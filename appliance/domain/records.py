@@ -338,6 +338,17 @@ class Artifact(Record):
         table_name = "artifacts"
 
 
+class RunApproval(Record):
+    run_id = peewee.TextField()
+    approver = peewee.TextField()
+    reason = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+
+    class Meta:
+        table_name = "run_approvals"
+        primary_key = peewee.CompositeKey("run_id", "approver")
+
+
 class RunLogChunk(Record):
     run_id = peewee.TextField()
     offset = peewee.BigIntegerField()

@@ -32,6 +32,7 @@ from appliance.domain.records import (
     PolicySnapshot,
     Project,
     Run,
+    RunApproval,
     RunLogChunk,
     RunMetric,
     canonical_json,
@@ -183,6 +184,7 @@ def create_run(
     if not inputs:
         gaps.append("no explicit DatasetVersion inputs")
     production = bool(spec.get("production"))
+    approvals = policy["required_approvals"] if production else 0
     if production and gaps:
         raise AnimusError(
             "a production run needs a commit SHA, a verified EnvironmentLock and explicit "
@@ -194,7 +196,7 @@ def create_run(
         run = Run.create(
             id=new_id("run"),
             project_id=project.id,
-            state="queued",
+            state="created" if approvals else "queued",
             production=production,
             code_ref_id=code_ref.id,
             environment_lock_id=lock.id,
@@ -208,7 +210,7 @@ def create_run(
             source_run_id=source.id if source else None,
             source_kind=source_kind,
             created_by=ctx.principal.actor,
-            queued_at=utc_now(),
+            queued_at=None if approvals else utc_now(),
         )
         audit.record(
             ctx,
@@ -227,9 +229,55 @@ def create_run(
                 "limitations": gaps,
                 "source_run_id": run.source_run_id,
                 "source_kind": source_kind,
+                "required_approvals": approvals,
             },
         )
     return run
+
+
+def approve_run(ctx: Context, run: Run, reason: str) -> Run:
+    """Record one project admin's approval of a production run awaiting approvals.
+
+    Four eyes: the run's creator cannot approve it, and each admin approves once. When the
+    policy's ``required_approvals`` are reached, the run is queued for planning.
+    """
+    if not reason.strip():
+        raise ValidationFailed("an approval needs a reason", details={"field": "reason"})
+    with db.write_transaction():
+        run = Run.get_by_id(run.id)
+        if run.state != "created":
+            raise AnimusError(
+                f"the run is {run.state}, not awaiting approval", code="invalid_state"
+            )
+        if ctx.principal.actor == run.created_by:
+            raise AnimusError("the run's creator cannot approve it", code="invalid_state")
+        try:
+            with db.database.atomic():
+                RunApproval.create(run_id=run.id, approver=ctx.principal.actor, reason=reason)
+        except peewee.IntegrityError:
+            raise AnimusError("you have already approved this run", code="conflict") from None
+        audit.record(
+            ctx,
+            Action.RUN_APPROVED,
+            project_id=run.project_id,
+            object_type="run",
+            object_id=run.id,
+            payload={"reason": reason},
+        )
+        required = Project.get_by_id(run.project_id).policy["required_approvals"]
+        given = RunApproval.select().where(RunApproval.run_id == run.id).count()
+        if given >= required:
+            change_state(ctx, run, "queued", queued_at=utc_now())
+    return run
+
+
+def approvals_of(run: Run) -> list[dict]:
+    return [
+        {"approver": a.approver, "reason": a.reason, "at": a.created_at}
+        for a in RunApproval.select()
+        .where(RunApproval.run_id == run.id)
+        .order_by(RunApproval.created_at)
+    ]
 
 
 def run_spec(run: Run) -> dict:

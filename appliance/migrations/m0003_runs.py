@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-IMMUTABLE = ("execution_snapshots", "artifacts")
+IMMUTABLE = ("execution_snapshots", "artifacts", "run_approvals")
 
 TABLES = [
     # Runs reference these with (project_id, id) so a cross-project reference cannot exist.
@@ -79,6 +79,13 @@ TABLES = [
         data TEXT NOT NULL,
         PRIMARY KEY (run_id, "offset")
     )""",
+    """CREATE TABLE run_approvals (
+        run_id TEXT NOT NULL REFERENCES runs (id),
+        approver TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (run_id, approver)
+    )""",
     """CREATE TABLE artifacts (
         id TEXT PRIMARY KEY,
         project_id TEXT NOT NULL REFERENCES projects (id),
@@ -119,6 +126,7 @@ def upgrade(schema) -> None:
 def downgrade(schema) -> None:
     for table in (
         "artifacts",
+        "run_approvals",
         "run_log_chunks",
         "run_metrics",
         "execution_snapshots",

@@ -342,3 +342,39 @@ def test_fifty_runs_with_concurrency_four_finish_exactly_once(appliance):
         if e["action"] == "run:state:changed" and e["payload"]["to"] == "succeeded"
     ]
     assert sorted(finals) == sorted(ids)
+
+
+def test_production_run_waits_for_two_approvals_by_other_admins(appliance):
+    box = appliance
+    url = f"{box.url}/api/v1/projects/{box.pid}"
+    policy = box.api.get(url + "/policy").json()
+    policy["required_approvals"] = 2
+    box.api.put(url + "/policy", json=policy)
+    people = {}
+    for name, role in (("bea", "admin"), ("carl", "admin"), ("ed", "editor")):
+        box.animus("admin", "create-user", name)
+        session = requests.Session()
+        session.headers["Authorization"] = "Bearer " + box.animus("token", "create", "--user", name)
+        box.api.put(f"{url}/members/{name}", json={"role": role})
+        people[name] = session
+    run_id = submit(box, "approved", "0")
+    assert box.api.get(f"{url}/runs/{run_id}").json()["state"] == "created"
+    approve = f"{url}/runs/{run_id}/approve"
+    own = box.api.post(approve, json={"reason": "I wrote it"})
+    assert (own.status_code, own.json()["error"]) == (409, "invalid_state")
+    assert people["ed"].post(approve, json={"reason": "fine"}).status_code == 403
+    assert people["bea"].post(approve, json={"reason": ""}).status_code == 400
+    first = people["bea"].post(approve, json={"reason": "data checked"}).json()
+    assert first["state"] == "created"
+    assert people["bea"].post(approve, json={"reason": "again"}).status_code == 409
+    second = people["carl"].post(approve, json={"reason": "code reviewed"}).json()
+    assert second["state"] == "queued"
+    assert [a["reason"] for a in second["approvals"]] == ["data checked", "code reviewed"]
+    assert wait_for(box, run_id, {"succeeded", "failed"})["state"] == "succeeded"
+    events = box.api.get(f"{url}/audit-events", params={"limit": 500}).json()["items"]
+    granted = [
+        e["payload"]["reason"]
+        for e in events
+        if e["action"] == "run:approval:granted" and e["object_id"] == run_id
+    ]
+    assert granted == ["data checked", "code reviewed"]
