@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, request, send_file
 
 from appliance import db
 from appliance.api import schemas as s
+from appliance.api.bodies import request_body
 from appliance.api.routing import context, operation
 from appliance.audit import log as audit
 from appliance.audit.actions import Action
@@ -261,7 +262,7 @@ def put_artifact(run_id, path):
     blobs: BlobStore = current_app.extensions["animus.blobs"]
     limit = current_app.config["ANIMUS"].max_upload_bytes
     with blobs.stage() as staged:
-        stored = staged.add_stream(request.stream.read, max_bytes=limit)
+        stored = staged.add_stream(request_body().read, max_bytes=limit)
         if stored.sha256 != expected:
             raise AnimusError(
                 f"artifact {path!r} arrived with sha256 {stored.sha256}, expected {expected!r}",

@@ -9,6 +9,7 @@ import posixpath
 from flask import Blueprint, current_app, request, send_file
 
 from appliance.api import schemas as s
+from appliance.api.bodies import request_body
 from appliance.api.pages import QUERY, page, page_schema
 from appliance.api.routing import context, operation, remember
 from appliance.auth.rbac import Permission
@@ -146,10 +147,10 @@ def create_version(project_id, dataset_id):
     with blobs.stage() as staged:
         if request.mimetype == "multipart/form-data":
             files = read_multipart_stream(
-                request.stream, request.headers["Content-Type"], staged, limits
+                request_body(), request.headers["Content-Type"], staged, limits
             )
         elif request.mimetype in TAR_TYPES:
-            files = read_tar_stream(request.stream, staged, limits)
+            files = read_tar_stream(request_body(), staged, limits)
         else:
             raise AnimusError(
                 "upload files as multipart/form-data or one application/x-tar stream",
