@@ -351,11 +351,17 @@ def dataplane_register(name: str, backend: str) -> None:
     click.echo(secret)
 
 
-def _register_image_commands() -> None:
+def _register_build_commands() -> None:
+    from appliance.bundle.cli import bundle_group
     from appliance.images import cli as images_cli
 
-    for group in (images_cli.image_group, images_cli.registry_group, images_cli.env_group):
+    for group in (
+        images_cli.image_group,
+        images_cli.registry_group,
+        images_cli.env_group,
+        bundle_group,
+    ):
         main.add_command(group)
 
 
-_register_image_commands()
+_register_build_commands()
