@@ -79,6 +79,19 @@ SETTINGS: dict[str, Setting] = {
         "How long a Data Plane's lease on a Run lasts without a heartbeat; then the Run "
         "becomes `unknown` until the Data Plane reports again.",
     ),
+    "signing_gnupg_home": Setting(
+        "ANIMUS_SIGNING_GNUPG_HOME",
+        "",
+        "GPG home holding the key that signs model export packages. Empty: "
+        "`<data_dir>/gnupg`, where an ed25519 installation key without passphrase is "
+        "generated on first use. Production should provide its own home and key.",
+    ),
+    "signing_key": Setting(
+        "ANIMUS_SIGNING_KEY",
+        "",
+        "Fingerprint of the secret key in the signing GPG home that signs exports. Empty: the "
+        "generated installation key.",
+    ),
 }
 
 
@@ -101,10 +114,19 @@ class Config:
     registry_url: str
     environment_repository: str
     lease_seconds: int
+    signing_gnupg_home: str
+    signing_key: str
 
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def gnupg_home(self) -> Path:
+        """The signing GPG home: the configured one, or ``<data_dir>/gnupg``."""
+        if self.signing_gnupg_home:
+            return Path(self.signing_gnupg_home).absolute()
+        return self.data_dir / "gnupg"
 
     @property
     def effective_database_url(self) -> str:

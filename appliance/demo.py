@@ -58,6 +58,14 @@ class DemoApi:
             raise click.ClickException(f"{method} {path} failed: {exc.code} {detail}") from None
         return json.loads(raw) if raw else {}
 
+    def raw(self, method: str, path: str) -> bytes:
+        """The body of a response that is not JSON (a download)."""
+        req = request.Request(  # noqa: S310 (loopback URL)
+            self.base + path, method=method, headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with request.urlopen(req, timeout=120) as response:  # noqa: S310 (loopback URL)
+            return response.read()
+
 
 def credit_risk_csv(rows: int = 2000, seed: int = 7) -> bytes:
     """A small, deterministic tabular dataset: applicant features and a default label."""
@@ -220,7 +228,7 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
     progress = StreamProgress(sys.stdout)
     processes = Processes(data_dir, env)
 
-    say(f"1/9 database: {config.effective_database_url.split('@')[-1]}")
+    say(f"1/10 database: {config.effective_database_url.split('@')[-1]}")
     db.bind(db.open_database(config.effective_database_url))
     db.upgrade(log=lambda line: say(f"    {line}"))
     ctx = Context(SYSTEM, "demo")
@@ -237,14 +245,14 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
     _, env["ANIMUS_DATAPLANE_TOKEN"] = identities.register_data_plane(ctx, plane_name, "runc")
     db.database.close_all()
 
-    say(f"2/9 local OCI registry on 127.0.0.1:{registry_port}")
+    say(f"2/10 local OCI registry on 127.0.0.1:{registry_port}")
     registry = start_registry(
         RegistrySettings(state_dir=data_dir / "registry", listen=f"127.0.0.1:{registry_port}"),
         log=data_dir / "registry.log",
     )
     try:
         client = RegistryClient(registry.address)
-        say("3/9 runner image: built reproducibly from its lock, pushed by digest")
+        say("3/10 runner image: built reproducibly from its lock, pushed by digest")
         built = build_image(
             load_definition(REPO_ROOT / "images" / "runner"),
             data_dir / "images" / "runner",
@@ -254,7 +262,7 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
         runner = push_image(layout, layout.image(), client, "animus/runner", progress=progress)
         say(f"    {runner.reference}")
 
-        say("4/9 environment: scikit-learn + numpy from the offline wheelhouse")
+        say("4/10 environment: scikit-learn + numpy from the offline wheelhouse")
         definition = load_environment_definition(DEMO_CODE / "environment.toml")
         wheelhouse = REPO_ROOT / "offline-wheels"
         if not any(wheelhouse.glob("scikit_learn-*.whl")):
@@ -270,7 +278,7 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
         )
         say(f"    {lock_data['image_reference']}")
 
-        say(f"5/9 control plane http://127.0.0.1:{port}, scheduler, Data Plane agent (runc)")
+        say(f"5/10 control plane http://127.0.0.1:{port}, scheduler, Data Plane agent (runc)")
         server = processes.start(
             "control-plane", "serve", "--host", "127.0.0.1", "--port", str(port), "--no-upgrade"
         )
@@ -280,7 +288,7 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
         processes.start("dataplane", "dataplane", "--capacity", "2")
         api = DemoApi(base, admin_token)
 
-        say("6/9 project, dataset version, code at a commit, environment lock")
+        say("6/10 project, dataset version, code at a commit, environment lock")
         project = api.call(
             "POST",
             "/api/v1/projects",
@@ -336,7 +344,7 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
         say(f"    environment lock {lock['id']} {lock['image_digest']}")
         api.call("PUT", f"/api/v1/projects/{pid}/members/{DEMO_VIEWER}", {"role": "viewer"})
 
-        say("7/9 production run: train the model in a runc container")
+        say("7/10 production run: train the model in a runc container")
         run = api.call(
             "POST",
             f"/api/v1/projects/{pid}/runs",
@@ -358,7 +366,7 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
         for artifact in api.call("GET", f"/api/v1/projects/{pid}/runs/{run['id']}/artifacts"):
             say(f"    artifact {artifact['path']} sha256:{artifact['sha256'][:16]}…")
 
-        say("8/9 replay from the frozen execution snapshot")
+        say("8/10 replay from the frozen execution snapshot")
         replay = api.call("POST", f"/api/v1/projects/{pid}/runs/{run['id']}/replay")
         replay = _wait_run(api, pid, replay["id"], say)
         verdict = api.call("GET", f"/api/v1/projects/{pid}/runs/{replay['id']}")["reproducibility"]
@@ -366,7 +374,50 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
         if verdict["reproduced"] != "identical":
             raise click.ClickException(f"the replay differs: {verdict['differences']}")
 
-        say("9/9 audit chain")
+        say("9/10 model registry: register, approve, export the signed package, verify it")
+        model = api.call(
+            "POST",
+            f"/api/v1/projects/{pid}/models",
+            {"name": "credit-default", "description": "Logistic regression"},
+        )
+        model_version = api.call(
+            "POST",
+            f"/api/v1/projects/{pid}/models/{model['id']}/versions",
+            {"run_id": run["id"], "artifact_path": "model.json"},
+        )
+        api.call(
+            "POST",
+            f"/api/v1/projects/{pid}/model-versions/{model_version['id']}/approve",
+            {"reason": "AUC and accuracy reviewed; replay reproduced it identically"},
+        )
+        export = api.call(
+            "POST", f"/api/v1/projects/{pid}/model-versions/{model_version['id']}/export"
+        )
+        package = data_dir / f"{model_version['id']}.tar"
+        package.write_bytes(
+            api.raw("GET", f"/api/v1/projects/{pid}/model-versions/{model_version['id']}/export")
+        )
+        verifier = REPO_ROOT / "appliance" / "audit" / "verify_export.py"
+        checked = subprocess.run(
+            [
+                sys.executable,
+                "-I",
+                str(verifier),
+                str(package),
+                "--trust-fingerprint",
+                export["signing_fingerprint"],
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if checked.returncode != 0:
+            raise click.ClickException(
+                f"the export does not verify: {checked.stdout}{checked.stderr}"
+            )
+        say(f"    {package.name}: {checked.stdout.strip().splitlines()[-1]}")
+
+        say("10/10 audit chain")
         db.bind(db.open_database(config.effective_database_url))
         chain = audit_log.verify()
         db.database.close_all()

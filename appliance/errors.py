@@ -54,7 +54,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "blob_unknown": 404,
     "unsafe_layer_entry": 422,
     "registry_error": 502,
+    # models
+    "approval_required": 409,
     # server side
+    "signing_unavailable": 503,
     "unavailable": 503,
     "internal_error": 500,
 }

@@ -176,6 +176,9 @@ def app(config):
 
     application = create_app(config)
     yield application
+    from appliance.audit import signing
+
+    signing.stop_agent(config.gnupg_home)  # a gpg-agent started for export signing
     if not db.database.is_closed():
         db.database.close()
     db.database.obj.close_all()  # the pool's idle connections to this test's database

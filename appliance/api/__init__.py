@@ -13,11 +13,12 @@ def init_app(app: Flask) -> None:
         datasets,
         errors,
         identity,
+        models,
         openapi,
         projects,
         runs,
     )
 
-    for module in (projects, datasets, code, runs, identity, audit, dataplane, openapi):
+    for module in (projects, datasets, code, runs, identity, audit, dataplane, models, openapi):
         app.register_blueprint(module.bp)
     errors.init_app(app)

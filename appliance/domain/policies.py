@@ -19,6 +19,7 @@ DEFAULT_POLICY: dict = {
     "resources": {"cpu": 2, "memory_mb": 4096, "pids": 512, "timeout_seconds": 3600},
     "required_approvals": 0,
     "secret_grants": [],
+    "export_requires_approval": True,
 }
 
 POLICY_SCHEMA: dict = {
@@ -55,6 +56,8 @@ POLICY_SCHEMA: dict = {
             "maxItems": 100,
             "items": {"type": "string", "pattern": r"^[A-Za-z0-9_./-]{1,200}$"},
         },
+        # Optional so policies stored before it existed stay valid; absent means true.
+        "export_requires_approval": {"type": "boolean"},
     },
 }
 

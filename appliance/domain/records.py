@@ -357,3 +357,53 @@ class RunLogChunk(Record):
     class Meta:
         table_name = "run_log_chunks"
         primary_key = peewee.CompositeKey("run_id", "offset")
+
+
+class Model(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    name = peewee.TextField()
+    description = peewee.TextField(default="")
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "models"
+
+
+class ModelVersion(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    model_id = peewee.TextField()
+    number = peewee.IntegerField()
+    stage = peewee.TextField()
+    source_run_id = peewee.TextField()
+    artifact_id = peewee.TextField()
+    artifact_path = peewee.TextField()
+    artifact_sha256 = peewee.TextField()
+    artifact_size = peewee.BigIntegerField()
+    metrics = JSONField()
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+    decided_at = peewee.TextField(null=True)
+    decided_by = peewee.TextField(null=True)
+    decision_reason = peewee.TextField(null=True)
+    exported_at = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "model_versions"
+
+
+class ModelExport(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    model_version_id = peewee.TextField()
+    sha256 = peewee.TextField()
+    size = peewee.BigIntegerField()
+    manifest_sha256 = peewee.TextField()
+    signing_fingerprint = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "model_exports"

@@ -14,6 +14,7 @@ import tarfile
 import pytest
 
 from appliance.api.routing import OPERATIONS
+from appliance.audit import signing
 from appliance.auth import identities
 from appliance.domain.context import SYSTEM, Context
 from appliance.domain.records import AuditEvent
@@ -91,6 +92,19 @@ EXPECTED: dict[str, tuple[int, ...]] = {
     "audit.project_events": (401, 403, 403, 200, 404, 200, 403),
     "audit.all_events": (401, 403, 403, 403, 403, 200, 403),
     "audit.chain_status": (401, 403, 403, 403, 403, 200, 403),
+    "models.create_model": (401, 403, 201, 201, 404, 404, 201),
+    "models.list_models": (401, 200, 200, 200, 404, 404, 200),
+    "models.get_model": (401, 200, 200, 200, 404, 404, 200),
+    "models.create_version": (401, 403, 201, 201, 404, 404, 201),
+    "models.list_versions": (401, 200, 200, 200, 404, 404, 200),
+    "models.get_version": (401, 200, 200, 200, 404, 404, 200),
+    "models.get_lineage": (401, 200, 200, 200, 404, 404, 200),
+    # Approval before rejection: once approved, a decision is final (409).
+    "models.approve_version": (401, 403, 403, 200, 404, 404, 403),
+    "models.reject_version": (401, 403, 403, 409, 404, 404, 403),
+    "models.export_version": (401, 403, 201, 201, 404, 404, 201),
+    "models.download_export": (401, 200, 200, 200, 404, 404, 200),
+    "models.signing_key": (401, 200, 200, 200, 200, 200, 200),
     # Last: archiving makes the project read-only for every row after it.
     "projects.archive_project": (401, 403, 403, 200, 404, 404, 403),
 }
@@ -168,6 +182,24 @@ def test_every_route_for_every_caller(server, alice, project, world, config):
         data=b"out",
         headers={"X-Content-SHA256": hashlib.sha256(b"out").hexdigest()},
     )
+    # A second run that succeeds with a model artifact, registered as a model version.
+    trained = api.post(f"/api/v1/projects/{pid}/runs", json=run_spec).json()
+    scheduler.tick(config)
+    plane.post("/api/v1/dataplane/leases", json={"capacity": 2})
+    plane.post(f"/api/v1/dataplane/runs/{trained['id']}/state", json={"state": "running"})
+    plane.put(
+        f"/api/v1/dataplane/runs/{trained['id']}/artifacts/model.bin",
+        data=b"weights",
+        headers={"X-Content-SHA256": hashlib.sha256(b"weights").hexdigest()},
+    )
+    plane.post(
+        f"/api/v1/dataplane/runs/{trained['id']}/state", json={"state": "succeeded", "exit_code": 0}
+    )
+    model = api.post(f"/api/v1/projects/{pid}/models", json={"name": "base-model"}).json()
+    model_version = api.post(
+        f"/api/v1/projects/{pid}/models/{model['id']}/versions",
+        json={"run_id": trained["id"], "artifact_path": "model.bin"},
+    ).json()
 
     params = {
         "project_id": pid,
@@ -183,6 +215,9 @@ def test_every_route_for_every_caller(server, alice, project, world, config):
         "token_id": spare_token["id"],
         "run_id": run["id"],
         "name": "S",
+        "model_id": model["id"],
+        "model_version_id": model_version["id"],
+        "object_id": model_version["id"],
     }
     counter = itertools.count()
 
@@ -206,6 +241,10 @@ def test_every_route_for_every_caller(server, alice, project, world, config):
                 "packages": [],
             },
             "runs.create_run": run_spec,
+            "models.create_model": {"name": f"model{n}"},
+            "models.create_version": {"run_id": trained["id"], "artifact_path": "model.bin"},
+            "models.approve_version": {"reason": "reviewed"},
+            "models.reject_version": {"reason": "reviewed"},
             "runs.approve_run": {"reason": "reviewed"},
             "dataplane.lease": {"capacity": 1},
             "dataplane.reconcile": {"known_run_ids": []},
@@ -262,3 +301,4 @@ def test_every_route_for_every_caller(server, alice, project, world, config):
     }
     missing = [d for d in denials if (actors[d[0]], f"{d[1]} {d[2]}") not in denied]
     assert missing == [], f"refused mutations without an audit event: {missing}"
+    signing.stop_agent(config.gnupg_home)
