@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from appliance.auth import identities
 from appliance.domain.context import SYSTEM, Context
+from appliance.domain.records import ApiToken
 
 CTX = Context(SYSTEM, "test")
 
@@ -48,8 +49,6 @@ def test_tokens_expire_and_revoke(server, alice):
 def test_expired_token_is_refused(server, bound_db, alice):
     user = identities.user_by_name("alice")
     _, secret = identities.issue_token(CTX, ttl_seconds=3600, user=user)
-    from appliance.domain.records import ApiToken, new_id  # noqa: F401
-
     ApiToken.update(expires_at="2000-01-01T00:00:00.000000Z").where(
         ApiToken.token_hash == identities._token_digest(secret)
     ).execute()
