@@ -7,8 +7,6 @@ import re
 import secrets
 from datetime import UTC, datetime, timedelta
 
-import peewee
-
 from appliance import db
 from appliance.audit import log as audit
 from appliance.audit.actions import Action
@@ -21,6 +19,7 @@ from appliance.domain.records import (
     RoleBinding,
     ServiceAccount,
     User,
+    create_named,
     new_id,
     utc_now,
 )
@@ -102,18 +101,14 @@ def create_service_account(ctx: Context, project: Project, name: str, role: str)
             details={"field": "name"},
         )
     with db.write_transaction():
-        try:
-            with db.database.atomic():
-                account = ServiceAccount.create(
-                    id=new_id("sa"),
-                    project_id=project.id,
-                    name=name,
-                    created_by=ctx.principal.actor,
-                )
-        except peewee.IntegrityError:
-            raise AnimusError(
-                f"service account {name!r} already exists in this project", code="already_exists"
-            ) from None
+        account = create_named(
+            ServiceAccount,
+            "a service account",
+            id=new_id("sa"),
+            project_id=project.id,
+            name=name,
+            created_by=ctx.principal.actor,
+        )
         RoleBinding.create(
             id=new_id("rb"), project_id=project.id, service_account_id=account.id, role=role
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Sequence
 
 import peewee
@@ -18,13 +17,14 @@ from appliance.domain.records import (
     DatasetVersion,
     Project,
     canonical_json,
+    create_named,
     new_id,
+    require_object_name,
 )
 from appliance.errors import AnimusError, NotFound, ValidationFailed
 from appliance.storage.blobs import BlobStore, StagedBlobs
 from appliance.storage.uploads import UploadedFile
 
-DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _INSERT_BATCH = 500
 
 
@@ -38,25 +38,17 @@ def manifest_digest(files: Sequence[UploadedFile]) -> str:
 
 
 def create_dataset(ctx: Context, project: Project, name: str, description: str = "") -> Dataset:
-    if not DATASET_NAME.match(name):
-        raise ValidationFailed(
-            "name must be 1-100 characters: letters, digits, '.', '_' or '-'",
-            details={"field": "name"},
-        )
+    require_object_name(name)
     with db.write_transaction():
-        try:
-            with db.database.atomic():
-                dataset = Dataset.create(
-                    id=new_id("ds"),
-                    project_id=project.id,
-                    name=name,
-                    description=description,
-                    created_by=ctx.principal.actor,
-                )
-        except peewee.IntegrityError:
-            raise AnimusError(
-                f"a dataset named {name!r} exists in this project", code="already_exists"
-            ) from None
+        dataset = create_named(
+            Dataset,
+            "a dataset",
+            id=new_id("ds"),
+            project_id=project.id,
+            name=name,
+            description=description,
+            created_by=ctx.principal.actor,
+        )
         audit.record(
             ctx,
             Action.DATASET_CREATED,

@@ -5,23 +5,22 @@ from __future__ import annotations
 import hashlib
 import re
 
-import peewee
-
 from appliance import db
 from appliance.audit import log as audit
 from appliance.audit.actions import Action
 from appliance.domain.context import Context
 from appliance.domain.records import (
+    OBJECT_NAME,
     EnvironmentDefinition,
     EnvironmentLock,
     Project,
     canonical_json,
+    create_named,
     new_id,
 )
 from appliance.errors import AnimusError, NotFound, ValidationFailed
 
 IMAGE_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # A requirement as pip reads it, kept to the forms a definition needs: name, extras, specifier.
 REQUIREMENT = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?"
@@ -40,7 +39,7 @@ def create_environment(
     description: str = "",
 ) -> EnvironmentDefinition:
     problems = []
-    if not ENV_NAME.match(name):
+    if not OBJECT_NAME.match(name):
         problems.append({"field": "name", "problem": "letters, digits, '.', '_' or '-', 1-100"})
     if not base_image or len(base_image) > 512 or any(c.isspace() for c in base_image):
         problems.append({"field": "base_image", "problem": "an image name without spaces"})
@@ -52,21 +51,17 @@ def create_environment(
     if problems:
         raise ValidationFailed("the environment is not valid", details={"errors": problems})
     with db.write_transaction():
-        try:
-            with db.database.atomic():
-                environment = EnvironmentDefinition.create(
-                    id=new_id("env"),
-                    project_id=project.id,
-                    name=name,
-                    base_image=base_image,
-                    packages=packages,
-                    description=description,
-                    created_by=ctx.principal.actor,
-                )
-        except peewee.IntegrityError:
-            raise AnimusError(
-                f"an environment named {name!r} exists in this project", code="already_exists"
-            ) from None
+        environment = create_named(
+            EnvironmentDefinition,
+            "an environment",
+            id=new_id("env"),
+            project_id=project.id,
+            name=name,
+            base_image=base_image,
+            packages=packages,
+            description=description,
+            created_by=ctx.principal.actor,
+        )
         audit.record(
             ctx,
             Action.ENVIRONMENT_CREATED,

@@ -8,7 +8,6 @@ immutable package.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import peewee
@@ -26,13 +25,14 @@ from appliance.domain.records import (
     Project,
     Run,
     RunMetric,
+    create_named,
     new_id,
+    require_object_name,
     utc_now,
 )
 from appliance.errors import AnimusError, NotFound, ValidationFailed
 from appliance.storage.blobs import BlobStore
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DECISIONS = {
     "approve": ("approved", Action.MODEL_VERSION_APPROVED),
     "reject": ("rejected", Action.MODEL_VERSION_REJECTED),
@@ -57,25 +57,17 @@ def version_in(project: Project, version_id: str) -> ModelVersion:
 
 
 def create_model(ctx: Context, project: Project, name: str, description: str = "") -> Model:
-    if not MODEL_NAME.match(name):
-        raise ValidationFailed(
-            "name must be 1-100 characters: letters, digits, '.', '_' or '-'",
-            details={"field": "name"},
-        )
+    require_object_name(name)
     with db.write_transaction():
-        try:
-            with db.database.atomic():
-                model = Model.create(
-                    id=new_id("mdl"),
-                    project_id=project.id,
-                    name=name,
-                    description=description,
-                    created_by=ctx.principal.actor,
-                )
-        except peewee.IntegrityError:
-            raise AnimusError(
-                f"a model named {name!r} exists in this project", code="already_exists"
-            ) from None
+        model = create_named(
+            Model,
+            "a model",
+            id=new_id("mdl"),
+            project_id=project.id,
+            name=name,
+            description=description,
+            created_by=ctx.principal.actor,
+        )
         audit.record(
             ctx,
             Action.MODEL_CREATED,

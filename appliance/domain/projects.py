@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import re
 
-import peewee
-
 from appliance import db
 from appliance.audit import log as audit
 from appliance.audit.actions import Action
 from appliance.auth.rbac import ROLES, Decision, Permission, decide
 from appliance.domain.context import Context
 from appliance.domain.policies import DEFAULT_POLICY, policy_digest, validate_policy
-from appliance.domain.records import Project, RoleBinding, User, new_id, utc_now
+from appliance.domain.records import Project, RoleBinding, User, create_named, new_id, utc_now
 from appliance.errors import AnimusError, Forbidden, Hidden, NotFound, ValidationFailed
 
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
@@ -49,17 +47,15 @@ def create_project(ctx: Context, name: str, description: str = "") -> Project:
             details={"field": "name"},
         )
     with db.write_transaction():
-        try:
-            with db.database.atomic():
-                project = Project.create(
-                    id=new_id("prj"),
-                    name=name,
-                    description=description,
-                    policy=DEFAULT_POLICY,
-                    created_by=ctx.principal.actor,
-                )
-        except peewee.IntegrityError:
-            raise AnimusError(f"a project named {name!r} exists", code="already_exists") from None
+        project = create_named(
+            Project,
+            "a project",
+            id=new_id("prj"),
+            name=name,
+            description=description,
+            policy=DEFAULT_POLICY,
+            created_by=ctx.principal.actor,
+        )
         RoleBinding.create(
             id=new_id("rb"), project_id=project.id, user_id=ctx.principal.id, role="admin"
         )

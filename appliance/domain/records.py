@@ -7,6 +7,7 @@ rows to objects. Rules about the records live in the neighbouring domain modules
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 import peewee
 
 from appliance.db import database
+from appliance.errors import AnimusError, ValidationFailed
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -407,3 +409,29 @@ class ModelExport(Record):
 
     class Meta:
         table_name = "model_exports"
+
+
+#: The name of a dataset, environment or model: unique within its project.
+OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def require_object_name(name: str) -> None:
+    if not OBJECT_NAME.match(name):
+        raise ValidationFailed(
+            "name must be 1-100 characters: letters, digits, '.', '_' or '-'",
+            details={"field": "name"},
+        )
+
+
+def create_named(model: type[Record], what: str, **fields: object) -> Record:
+    """Insert a record whose ``name`` is unique in its scope; a clash is ``already_exists``.
+
+    Runs in a savepoint so the caller's transaction survives the refused insert.
+    """
+    try:
+        with database.atomic():
+            return model.create(**fields)
+    except peewee.IntegrityError:
+        raise AnimusError(
+            f"{what} named {fields['name']!r} already exists", code="already_exists"
+        ) from None
