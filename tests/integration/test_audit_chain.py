@@ -72,28 +72,45 @@ def test_database_refuses_changing_history(alice, project, bound_db, statement):
     assert AuditEvent.select().count() >= 1
 
 
-@pytest.mark.parametrize(
-    "table",
-    ["dataset_versions", "dataset_files", "code_refs", "environment_locks", "policy_snapshots"],
-)
+IMMUTABLE_TABLES = [
+    "dataset_versions",
+    "dataset_files",
+    "code_refs",
+    "environment_locks",
+    "policy_snapshots",
+]
+
+
+@pytest.mark.parametrize("table", IMMUTABLE_TABLES)
 def test_database_refuses_changing_immutable_records(alice, project, bound_db, table):
     pid = project["id"]
-    alice.api.post(
+    api = alice.api
+    dataset = api.post(f"/api/v1/projects/{pid}/datasets", json={"name": "d"}).json()
+    upload = api.post(
+        f"/api/v1/projects/{pid}/datasets/{dataset['id']}/versions",
+        files=[("files", ("a.csv", b"1,2\n"))],
+    )
+    code = api.post(
         f"/api/v1/projects/{pid}/code-refs",
         json={"repo_url": "https://git.example/r.git", "commit_sha": "b" * 40},
     )
-    alice.api.post(f"/api/v1/projects/{pid}/policy-snapshots")
-    for statement in (
-        f"UPDATE {table} SET project_id = project_id"
-        if table != "dataset_files"
-        else f"UPDATE {table} SET size = size",
-        f"DELETE FROM {table}",
-    ):
+    env = api.post(
+        f"/api/v1/projects/{pid}/environments",
+        json={"name": "e", "base_image": "runner", "packages": []},
+    ).json()
+    lock = api.post(
+        f"/api/v1/projects/{pid}/environment-locks",
+        json={"environment_id": env["id"], "image_digest": "sha256:" + "c" * 64, "packages": []},
+    )
+    snapshot = api.post(f"/api/v1/projects/{pid}/policy-snapshots")
+    assert {upload.status_code, code.status_code, lock.status_code, snapshot.status_code} == {201}
+    rows = bound_db.execute_sql(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    assert rows >= 1  # a row trigger fires only on a table that has rows
+    column = "size" if table == "dataset_files" else "created_by"
+    for statement in (f"UPDATE {table} SET {column} = {column}", f"DELETE FROM {table}"):
         with pytest.raises(peewee.DatabaseError, match="immutable"), bound_db.atomic():
             bound_db.execute_sql(statement)
-            # An empty table fires no row trigger; make sure the statement touched a row.
-            if bound_db.execute_sql(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0:
-                raise peewee.DatabaseError("immutable (table empty in this test)")
+    assert bound_db.execute_sql(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == rows
 
 
 def _drop_audit_triggers(database) -> None:

@@ -211,6 +211,9 @@ def test_contract_full_lifecycle_is_idempotent(setup, bound_db):
     artifacts = api.get(f"/api/v1/projects/{pid}/runs/{rid}/artifacts").json()
     assert [(a["path"], a["sha256"]) for a in artifacts] == [("model.bin", sha)]
     assert api.get(f"/api/v1/projects/{pid}/runs/{rid}/artifacts/model.bin").content == content
+    for statement in ("UPDATE artifacts SET size = 0", "DELETE FROM artifacts"):
+        with pytest.raises(peewee.DatabaseError, match="immutable"), bound_db.atomic():
+            bound_db.execute_sql(statement)
     states = [
         e.payload["to"]
         for e in AuditEvent.select()
