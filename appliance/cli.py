@@ -275,7 +275,7 @@ def scheduler(interval: float) -> None:
 @main.group("dataplane", invoke_without_command=True)
 @click.option(
     "--backend",
-    type=click.Choice(["runc"]),
+    type=click.Choice(["runc", "kubernetes"]),
     default="runc",
     show_default=True,
     help="Where Runs execute.",
@@ -323,15 +323,71 @@ def dataplane(
             "(printed by `animus dataplane register`)"
         )
     config = _config()
-    if not config.registry_url:
-        raise click.ClickException("set ANIMUS_REGISTRY_URL: runs pull their images from it")
     logs.configure(config.log_level)
-    work_dir = work_dir.absolute()
-    parsed = urlparse(config.registry_url)
-    registry = RegistryClient(parsed.netloc, tls=parsed.scheme == "https")
-    runc = RuncBackend(work_dir / "runc", registry)
+    if backend == "kubernetes":
+        from appliance.execution.kubernetes_backend import make_kubernetes_backend
+        from appliance.execution.kubernetes_manifests import KubernetesSettings
+
+        settings = KubernetesSettings.from_env(os.environ)
+        chosen = make_kubernetes_backend(
+            settings,
+            kubeconfig=os.environ.get("ANIMUS_K8S_KUBECONFIG"),
+            context=os.environ.get("ANIMUS_K8S_CONTEXT"),
+        )
+        # Pods mount their workspace from the shared volume, so it is prepared there.
+        runs_dir = Path(settings.workspace_mount)
+    else:
+        if not config.registry_url:
+            raise click.ClickException("set ANIMUS_REGISTRY_URL: runs pull their images from it")
+        parsed = urlparse(config.registry_url)
+        registry = RegistryClient(parsed.netloc, tls=parsed.scheme == "https")
+        chosen = RuncBackend(work_dir.absolute() / "runc", registry)
+        runs_dir = work_dir.absolute() / "runs"
     click.echo(f"animus dataplane ({backend}) → {control_plane}, capacity {capacity}", err=True)
-    main_loop(control_plane, credential, runc, work_dir / "runs", capacity)
+    main_loop(control_plane, credential, chosen, runs_dir, capacity)
+
+
+@dataplane.command("render")
+@click.option(
+    "--backend", type=click.Choice(["kubernetes"]), default="kubernetes", show_default=True
+)
+@click.option("--run", "run_id", help="A planned Run whose manifests to print.")
+@click.option(
+    "--namespace",
+    "namespace_only",
+    is_flag=True,
+    help="Print the runs namespace, its default-deny policy and the agent's RBAC.",
+)
+def dataplane_render(backend: str, run_id: str | None, namespace_only: bool) -> None:
+    """Print the Kubernetes manifests that would be applied, for review or
+    `kubectl apply --dry-run=server -f -`. Secret values are never printed."""
+    import os
+
+    import yaml
+
+    from appliance.execution.kubernetes_manifests import (
+        KubernetesSettings,
+        namespace_manifests,
+        render_manifests,
+    )
+
+    settings = KubernetesSettings.from_env(os.environ)
+    if namespace_only:
+        manifests = namespace_manifests(settings)
+    else:
+        if not run_id:
+            raise click.ClickException("give --run RUN_ID (or --namespace)")
+        from appliance.domain.records import ExecutionSnapshot
+
+        _open()
+        snapshot = ExecutionSnapshot.get_or_none(ExecutionSnapshot.run_id == run_id)
+        if snapshot is None:
+            raise click.ClickException(f"run {run_id!r} has no execution snapshot (not planned)")
+        try:
+            manifests = render_manifests(snapshot.snapshot, settings)
+        except AnimusError as exc:
+            raise click.ClickException(exc.message) from None
+    click.echo(yaml.safe_dump_all(manifests, sort_keys=False), nl=False)
 
 
 @dataplane.command("register")

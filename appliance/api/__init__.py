@@ -15,10 +15,22 @@ def init_app(app: Flask) -> None:
         identity,
         models,
         openapi,
+        pipelines,
         projects,
         runs,
     )
 
-    for module in (projects, datasets, code, runs, identity, audit, dataplane, models, openapi):
+    for module in (
+        projects,
+        datasets,
+        code,
+        runs,
+        pipelines,
+        identity,
+        audit,
+        dataplane,
+        models,
+        openapi,
+    ):
         app.register_blueprint(module.bp)
     errors.init_app(app)

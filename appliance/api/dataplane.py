@@ -19,6 +19,7 @@ from appliance.audit import log as audit
 from appliance.audit.actions import Action
 from appliance.domain import runs
 from appliance.domain.records import (
+    Artifact,
     DataPlane,
     DatasetFile,
     ExecutionSnapshot,
@@ -301,4 +302,31 @@ def input_file(run_id, version_id, path):
     )
     response.content_length = entry.size
     response.headers["X-Content-SHA256"] = entry.sha256
+    return response
+
+
+@operation(
+    bp,
+    "GET",
+    "/runs/<run_id>/artifact-inputs/<artifact_id>",
+    summary="Download an upstream artifact a leased run consumes (pipelines)",
+    tag=TAG,
+    produces="application/octet-stream",
+    errors=(403, 404, 409),
+)
+def artifact_input(run_id, artifact_id):
+    run = runs.held_run(plane(), run_id)
+    snapshot = ExecutionSnapshot.get_by_id(run.snapshot_id).snapshot
+    if artifact_id not in {i.get("artifact_id") for i in snapshot["inputs"]}:
+        raise NotFound("the artifact is not an input of this run")
+    artifact = Artifact.get_by_id(artifact_id)
+    blobs: BlobStore = current_app.extensions["animus.blobs"]
+    response = send_file(
+        blobs.open(artifact.sha256),
+        mimetype="application/octet-stream",
+        etag=artifact.sha256,
+        max_age=None,
+    )
+    response.content_length = artifact.size
+    response.headers["X-Content-SHA256"] = artifact.sha256
     return response

@@ -38,3 +38,7 @@ class Action(StrEnum):
     MODEL_VERSION_REJECTED = "model:version:rejected"
     MODEL_VERSION_EXPORTED = "model:version:exported"
     SIGNING_KEY_GENERATED = "signing:key:generated"
+    PIPELINE_CREATED = "pipeline:record:created"
+    PIPELINE_RUN_CREATED = "pipeline:run:created"
+    PIPELINE_RUN_STATE_CHANGED = "pipeline:run:state_changed"
+    PIPELINE_STEP_STATE_CHANGED = "pipeline:step:state_changed"

@@ -435,3 +435,46 @@ def create_named(model: type[Record], what: str, **fields: object) -> Record:
         raise AnimusError(
             f"{what} named {fields['name']!r} already exists", code="already_exists"
         ) from None
+
+
+class Pipeline(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    name = peewee.TextField()
+    spec = JSONField()
+    digest = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+
+    class Meta:
+        table_name = "pipelines"
+
+
+class PipelineRun(Record):
+    id = peewee.TextField(primary_key=True)
+    project_id = peewee.TextField()
+    pipeline_id = peewee.TextField()
+    state = peewee.TextField()
+    source_pipeline_run_id = peewee.TextField(null=True)
+    created_at = peewee.TextField(default=utc_now)
+    created_by = peewee.TextField()
+    finished_at = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "pipeline_runs"
+
+
+class PipelineStep(Record):
+    pipeline_run_id = peewee.TextField()
+    name = peewee.TextField()
+    position = peewee.IntegerField()
+    state = peewee.TextField()
+    run_id = peewee.TextField(null=True)
+    reused = peewee.BooleanField(default=False)
+    input_digest = peewee.TextField(null=True)
+    reason = peewee.TextField(null=True)
+    updated_at = peewee.TextField(default=utc_now)
+
+    class Meta:
+        table_name = "pipeline_steps"
+        primary_key = peewee.CompositeKey("pipeline_run_id", "name")

@@ -50,6 +50,8 @@ _REPORTABLE = {
     "canceled": {"planned", "running", "unknown", "reconciling"},
 }
 INPUT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+#: Where a pipeline step's Run records the upstream artifacts it consumes (parameters key).
+PIPELINE_PARAMETER = "animus_pipeline"
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 
 #: Checks that an image digest exists in the local registry: returns None or the problem.
@@ -363,6 +365,7 @@ def plan_run(ctx: Context, run: Run, *, image_repository: str, resolve_ref: RefR
             .order_by(DatasetFile.path)
         ]
         inputs.append({**item, "files": files})
+    inputs += _artifact_inputs(run, {i["name"] for i in inputs})
     with db.write_transaction():
         policy = source_snapshot["policy"] if source_snapshot else project.policy
         snapshot_record = PolicySnapshot.create(
@@ -421,6 +424,36 @@ def plan_run(ctx: Context, run: Run, *, image_repository: str, resolve_ref: RefR
             snapshot_id=frozen.id,
         )
     return run
+
+
+def _artifact_inputs(run: Run, taken: set[str]) -> list[dict]:
+    """Upstream artifacts a pipeline step consumes, as snapshot inputs pinned by digest.
+
+    Path and digest come from the Artifact record itself, never from the request, and the
+    artifact must belong to the run's project.
+    """
+    wanted = (run.parameters.get(PIPELINE_PARAMETER) or {}).get("artifact_inputs") or []
+    pinned = []
+    for item in wanted:
+        artifact = Artifact.get_or_none(Artifact.id == item.get("artifact_id"))
+        if artifact is None or artifact.project_id != run.project_id:
+            raise ValidationFailed(f"artifact input {item.get('name')!r} is not in this project")
+        name = item.get("name")
+        if not isinstance(name, str) or not INPUT_NAME.match(name) or name in taken:
+            raise ValidationFailed(f"artifact input name {name!r} is not a unique input name")
+        taken.add(name)
+        pinned.append(
+            {
+                "name": name,
+                "artifact_id": artifact.id,
+                "source_run_id": artifact.run_id,
+                "digest": "sha256:" + artifact.sha256,
+                "files": [
+                    {"path": artifact.path, "sha256": artifact.sha256, "size": artifact.size}
+                ],
+            }
+        )
+    return pinned
 
 
 # --- the Data Plane contract --------------------------------------------------------------

@@ -161,7 +161,14 @@ class DataPlaneAgent:
             for entry in item["files"]:
                 target = workspace.inputs_dir / item["name"] / entry["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self._download(snapshot["run_id"], item["dataset_version_id"], entry, target)
+                if "artifact_id" in item:  # an upstream pipeline step's output
+                    source = f"/runs/{snapshot['run_id']}/artifact-inputs/{item['artifact_id']}"
+                else:
+                    source = (
+                        f"/runs/{snapshot['run_id']}/inputs/{item['dataset_version_id']}"
+                        f"/files/{quote(entry['path'])}"
+                    )
+                self._download(source, entry, target)
         code = snapshot["code"]
         checkout_code(code["repo_url"], code["commit_sha"], workspace.code_dir)
         self._fetch_secrets(tracked)
@@ -175,10 +182,8 @@ class DataPlaneAgent:
             )
             tracked.secrets[name] = response.text
 
-    def _download(self, run_id: str, version_id: str, entry: dict, target: Path) -> None:
-        response = self.control.call(
-            "GET", f"/runs/{run_id}/inputs/{version_id}/files/{quote(entry['path'])}", stream=True
-        )
+    def _download(self, source: str, entry: dict, target: Path) -> None:
+        response = self.control.call("GET", source, stream=True)
         digest = hashlib.sha256()
         with open(target, "wb") as out:
             for chunk in response.iter_content(1 << 20):

@@ -13,11 +13,11 @@ import time
 
 from appliance import db
 from appliance.config import Config
-from appliance.domain import runs
+from appliance.domain import pipelines, runs
 from appliance.domain.context import SYSTEM, Context
 from appliance.domain.records import Run, utc_now
 from appliance.errors import AnimusError
-from appliance.execution.registry_check import image_repository
+from appliance.execution.registry_check import digest_verifier, image_repository
 
 log = logging.getLogger("appliance.scheduler")
 
@@ -47,9 +47,13 @@ def resolve_git_ref(repo_url: str, ref: str) -> str:
 
 
 def tick(config: Config, *, batch: int = 50) -> dict[str, int]:
-    """One pass: plan queued runs, expire lapsed leases. Returns what it did."""
+    """One pass: advance pipelines, plan queued runs, expire lapsed leases. Returns what it did."""
     ctx = Context(SYSTEM, f"scheduler-{int(time.time())}")
     repository = image_repository(config.registry_url, config.environment_repository)
+    # First, so the Runs of steps that became ready are planned in this same pass.
+    steps = pipelines.advance_all(
+        ctx, digest_verifier(config.registry_url, config.environment_repository)
+    )
     planned = failed = 0
     for run in Run.select().where(Run.state == "queued").order_by(Run.id).limit(batch):
         try:
@@ -68,7 +72,12 @@ def tick(config: Config, *, batch: int = 50) -> dict[str, int]:
                     )
             failed += 1
     expired = len(runs.expire_leases(ctx))
-    return {"planned": planned, "planning_failed": failed, "leases_expired": expired}
+    return {
+        "pipeline_steps_changed": steps,
+        "planned": planned,
+        "planning_failed": failed,
+        "leases_expired": expired,
+    }
 
 
 def run_forever(

@@ -325,3 +325,64 @@ def test_runs_list_filters_by_state(setup):
     api.post(f"/api/v1/projects/{pid}/runs/{one}/cancel")
     queued = api.get(f"/api/v1/projects/{pid}/runs", params={"state": "queued"}).json()["items"]
     assert len(queued) == 2 and one not in [r["id"] for r in queued]
+
+
+def test_dataplane_render_prints_validated_kubernetes_manifests(setup, bound_db):
+    """`animus dataplane render --backend kubernetes --run` on a planned run, for review."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    import kubernetes_validate
+    import yaml
+
+    api, pid, config = setup["api"], setup["pid"], setup["config"]
+    rid = api.post(f"/api/v1/projects/{pid}/runs", json=setup["spec"]).json()["id"]
+    registry = "registry.animus.local:5000"
+    plan(dataclasses.replace(config, registry_url=f"https://{registry}"))
+    env = {
+        **os.environ,
+        "ANIMUS_DATA_DIR": str(config.data_dir),
+        "ANIMUS_DATABASE_URL": config.database_url,
+        "ANIMUS_K8S_REGISTRY": registry,
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "dataplane",
+            "render",
+            "--backend",
+            "kubernetes",
+            "--run",
+            rid,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    manifests = list(yaml.safe_load_all(result.stdout))
+    kinds = {m["kind"] for m in manifests}
+    assert {"Job", "NetworkPolicy"} <= kinds
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, "1.30.0", strict=True)
+    job = next(m for m in manifests if m["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"{registry}/animus/environments@sha256:" + "a" * 64
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert job["spec"]["backoffLimit"] == 0
+    other = subprocess.run(
+        [sys.executable, "-m", "appliance", "dataplane", "render", "--run", rid],
+        env={**env, "ANIMUS_K8S_REGISTRY": "elsewhere:5000"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert other.returncode == 1 and "not in this Data Plane's registry" in other.stderr
+    assert "Traceback" not in other.stderr

@@ -378,3 +378,45 @@ def test_production_run_waits_for_two_approvals_by_other_admins(appliance):
         if e["action"] == "run:approval:granted" and e["object_id"] == run_id
     ]
     assert granted == ["data checked", "code reviewed"]
+
+
+def test_pipeline_artifact_reaches_the_next_step_inside_its_container(appliance):
+    """A two-step pipeline on the real appliance: the second step reads the first step's
+    output from /inputs/<name>, fetched by the agent and verified by digest."""
+    box = appliance
+    url = f"{box.url}/api/v1/projects/{box.pid}"
+    base = {k: box.spec[k] for k in ("code_ref_id", "environment_lock_id")}
+    produce = {
+        **base,
+        "name": "produce",
+        "command": ["python3", "job.py", "produce"],
+        "inputs": [
+            {"name": "train", "dataset_version_id": box.spec["inputs"][0]["dataset_version_id"]}
+        ],
+    }
+    consume = {
+        **base,
+        "name": "consume",
+        "command": [
+            "python3",
+            "-c",
+            "import os; print('got', open(os.path.join("
+            "os.environ['ANIMUS_INPUTS_DIR'], 'upstream', 'model.json')).read())",
+        ],
+        "inputs": [{"name": "upstream", "from_step": "produce", "artifact": "model.json"}],
+    }
+    pipeline = box.api.post(
+        url + "/pipelines", json={"name": "two", "spec": {"steps": [produce, consume]}}
+    )
+    assert pipeline.status_code == 201, pipeline.text
+    started = box.api.post(f"{url}/pipelines/{pipeline.json()['id']}/runs").json()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = box.api.get(f"{url}/pipeline-runs/{started['id']}").json()
+        if state["state"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.3)
+    assert state["state"] == "succeeded", state
+    steps = {s["name"]: s for s in state["steps"]}
+    logs = box.api.get(f"{url}/runs/{steps['consume']['run_id']}/logs").text
+    assert 'got {"rows": 3}' in logs
