@@ -1,0 +1,68 @@
+"""`install.sh --verify-only --bundle FILE`: the host's gpg checks the outer signature before
+any code from the bundle runs, then the stdlib verifier checks everything inside."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from tests.integration.bundle.conftest import ROOT, make_bundle, make_tar, sign_file
+
+
+def install(*args, signer) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GNUPGHOME": str(signer.home)}
+    return subprocess.run(
+        ["bash", str(ROOT / "install.sh"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_good_bundle_verifies(tmp_path, release):
+    tar = make_tar(make_bundle(tmp_path / "b", release), tmp_path / "animus-1.2.0.tar", release)
+    result = install(
+        "--verify-only", "--bundle", tar, "--trust-fingerprint", release.fingerprint, signer=release
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "outer signature good" in result.stderr and "1.2.0" in result.stdout + result.stderr
+
+
+def test_a_missing_outer_signature_is_refused_before_anything_runs(tmp_path, release):
+    tar = make_tar(make_bundle(tmp_path / "b", release), tmp_path / "animus-1.2.0.tar", release)
+    (tmp_path / "animus-1.2.0.tar.sig").unlink()
+    result = install("--verify-only", "--bundle", tar, signer=release)
+    assert result.returncode == 10 and "signature missing" in result.stderr
+
+
+def test_a_changed_byte_breaks_the_outer_signature(tmp_path, release):
+    tar = make_tar(make_bundle(tmp_path / "b", release), tmp_path / "animus-1.2.0.tar", release)
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0x01
+    tar.write_bytes(bytes(data))
+    result = install(
+        "--verify-only", "--bundle", tar, "--trust-fingerprint", release.fingerprint, signer=release
+    )
+    assert result.returncode == 11 and "BAD signature" in result.stderr
+
+
+def test_a_bundle_signed_by_another_key_is_untrusted(tmp_path, release, stranger):
+    tar = make_tar(make_bundle(tmp_path / "b", release), tmp_path / "animus-1.2.0.tar", release)
+    sign_file(tar, stranger)
+    # The stranger's public key is known to the keyring used here, but it is not the anchor.
+    result = install(
+        "--verify-only",
+        "--bundle",
+        tar,
+        "--trust-fingerprint",
+        release.fingerprint,
+        signer=stranger,
+    )
+    assert result.returncode == 13 and "untrusted" in result.stderr
+
+
+def test_installing_from_a_bundle_says_it_is_not_available_yet(tmp_path, release):
+    result = install("--bundle", tmp_path / "x.tar", signer=release)
+    assert result.returncode == 2 and "--verify-only" in result.stderr
