@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
+import math
 import os
 import re
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -303,3 +306,76 @@ def verify_checkout(checkout: Path, commit_sha: str) -> None:
             f"the code checkout is not at commit {commit_sha}",
             commit_sha=commit_sha,
         )
+
+
+_MAX_METRIC_LINE = 64 << 10
+_MAX_METRIC_NAME = 200
+
+
+def parse_metric_line(line: bytes) -> dict[str, Any] | None:
+    """One metric record from one JSON line, or None when the line is not a valid one."""
+    if len(line) > _MAX_METRIC_LINE:
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    name, value, step, at = (record.get(k) for k in ("name", "value", "step", "at"))
+    if not isinstance(name, str) or not 0 < len(name) <= _MAX_METRIC_NAME:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        return None
+    if at is not None and not isinstance(at, str):
+        return None
+    return {"name": name, "value": float(value), "step": step, "at": at}
+
+
+def read_metric_records(
+    path: Path, offset: int, position: tuple[int, int]
+) -> tuple[list[dict[str, Any]], tuple[int, int]]:
+    """Valid metric records from record number OFFSET of the JSON-lines file at PATH.
+
+    POSITION is ``(records seen, bytes consumed)`` from the previous call for the same file,
+    so a follower reads only what is new; the new position is returned with the records.
+    A line still being written (no newline yet) is left for the next call.
+    """
+    seen, consumed = position
+    if seen > offset:
+        seen, consumed = 0, 0
+    records: list[dict[str, Any]] = []
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below, after the loop
+    except FileNotFoundError:
+        return [], (seen, consumed)
+    with handle:
+        handle.seek(consumed)
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break
+            consumed += len(line)
+            parsed = parse_metric_line(line)
+            if parsed is None:
+                continue
+            if seen >= offset:
+                records.append({"seq": seen, **parsed})
+            seen += 1
+    return records, (seen, consumed)
+
+
+def output_files(root: Path) -> list[OutputFile]:
+    """Every regular file under ROOT, hashed, sorted by path; links are never followed,
+    because the run's code chose these names."""
+    files = []
+    for directory, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for filename in filenames:
+            path = Path(directory) / filename
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            digest, size = sha256_file(path)
+            files.append(OutputFile(path.relative_to(root).as_posix(), digest, size, path))
+    return sorted(files, key=lambda f: f.path)

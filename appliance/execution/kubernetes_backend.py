@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,14 +38,15 @@ from appliance.execution.backend import (
     OutputFile,
     RunStatus,
     Workspace,
+    output_files,
+    read_metric_records,
     refused,
     relative_path,
-    sha256_file,
     verify_checkout,
     verify_inputs,
 )
 from appliance.execution.kubernetes_manifests import KubernetesSettings
-from appliance.execution.runc_backend import MAX_SECRETS_BYTES, frame_secrets, parse_metric_line
+from appliance.execution.runc_backend import MAX_SECRETS_BYTES, frame_secrets
 
 __all__ = ["KubernetesBackend", "make_kubernetes_backend"]
 
@@ -410,27 +410,9 @@ class KubernetesBackend(Backend):
         """See Backend.read_metrics (the metrics file is on the shared volume)."""
         job = self._known(run_id)
         path = self._workspace_dir(job) / "state" / "metrics" / manifests.METRICS_FILE
-        seen, position = self._metric_positions.get(run_id, (0, 0))
-        if seen > offset:
-            seen, position = 0, 0
-        records: list[dict[str, Any]] = []
-        try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed below, after the loop
-        except FileNotFoundError:
-            return []
-        with handle:
-            handle.seek(position)
-            for line in handle:
-                if not line.endswith(b"\n"):
-                    break  # still being written
-                position += len(line)
-                parsed = parse_metric_line(line)
-                if parsed is None:
-                    continue
-                if seen >= offset:
-                    records.append({"seq": seen, **parsed})
-                seen += 1
-        self._metric_positions[run_id] = (seen, position)
+        records, self._metric_positions[run_id] = read_metric_records(
+            path, offset, self._metric_positions.get(run_id, (0, 0))
+        )
         return records
 
     def outputs(self, run_id: str) -> list[OutputFile]:
@@ -440,17 +422,7 @@ class KubernetesBackend(Backend):
         if current is None or not current.finished:
             raise Conflict("the run has not finished", details={"run_id": run_id})
         root = self._workspace_dir(job) / "output"
-        files = []
-        for directory, dirnames, filenames in os.walk(root, followlinks=False):
-            dirnames.sort()
-            for filename in filenames:
-                path = Path(directory) / filename
-                # The run's code chose these names: never follow a link out of the directory.
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    continue
-                digest, size = sha256_file(path)
-                files.append(OutputFile(path.relative_to(root).as_posix(), digest, size, path))
-        return sorted(files, key=lambda f: f.path)
+        return output_files(root)
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -26,11 +26,9 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import stat
 import subprocess
 import time
 from pathlib import Path, PurePosixPath
@@ -44,9 +42,10 @@ from appliance.execution.backend import (
     RunStatus,
     Workspace,
     checkout_code,
+    output_files,
+    read_metric_records,
     refused,
     relative_path,
-    sha256_file,
     verify_checkout,
     verify_inputs,
 )
@@ -75,8 +74,6 @@ MAX_SECRETS_BYTES = 60 << 10
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RUNNING = ("creating", "created", "running", "paused")
-_MAX_METRIC_LINE = 64 << 10
-_MAX_METRIC_NAME = 200
 
 
 def _utc_now() -> str:
@@ -110,28 +107,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except ValueError:
         return None
     return document if isinstance(document, dict) else None
-
-
-def parse_metric_line(line: bytes) -> dict[str, Any] | None:
-    """One metric record from one JSON line, or None when the line is not a valid one."""
-    if len(line) > _MAX_METRIC_LINE:
-        return None
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
-        return None
-    name, value, step, at = (record.get(k) for k in ("name", "value", "step", "at"))
-    if not isinstance(name, str) or not 0 < len(name) <= _MAX_METRIC_NAME:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-        return None
-    if at is not None and not isinstance(at, str):
-        return None
-    return {"name": name, "value": float(value), "step": step, "at": at}
 
 
 def frame_secrets(secrets: dict[str, str]) -> bytes:
@@ -616,27 +591,9 @@ class RuncBackend(Backend):
         """See Backend.read_metrics."""
         record = self._known(run_id)
         path = Path(record["state_dir"]) / "metrics" / METRICS_FILE
-        seen, position = self._metric_positions.get(run_id, (0, 0))
-        if seen > offset:
-            seen, position = 0, 0
-        records: list[dict[str, Any]] = []
-        try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed below, after the loop
-        except FileNotFoundError:
-            return []
-        with handle:
-            handle.seek(position)
-            for line in handle:
-                if not line.endswith(b"\n"):
-                    break  # still being written
-                position += len(line)
-                parsed = parse_metric_line(line)
-                if parsed is None:
-                    continue
-                if seen >= offset:
-                    records.append({"seq": seen, **parsed})
-                seen += 1
-        self._metric_positions[run_id] = (seen, position)
+        records, self._metric_positions[run_id] = read_metric_records(
+            path, offset, self._metric_positions.get(run_id, (0, 0))
+        )
         return records
 
     def outputs(self, run_id: str) -> list[OutputFile]:
@@ -646,17 +603,7 @@ class RuncBackend(Backend):
         if current is None or not current.finished:
             raise Conflict("the run has not finished", details={"run_id": run_id})
         root = Path(record["output_dir"])
-        files = []
-        for directory, dirnames, filenames in os.walk(root, followlinks=False):
-            dirnames.sort()
-            for filename in filenames:
-                path = Path(directory) / filename
-                # The run's code chose these names: never follow a link out of the directory.
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    continue
-                digest, size = sha256_file(path)
-                files.append(OutputFile(path.relative_to(root).as_posix(), digest, size, path))
-        return sorted(files, key=lambda f: f.path)
+        return output_files(root)
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from appliance.execution import animus_run, run_agent
-from appliance.execution.runc_backend import frame_secrets, parse_metric_line
+from appliance.execution.backend import parse_metric_line
+from appliance.execution.runc_backend import frame_secrets
 
 AGENT = Path(run_agent.__file__)
 
