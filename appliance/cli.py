@@ -244,15 +244,19 @@ def config_show() -> None:
 
 @main.command()
 @click.option("--port", default=8080, show_default=True, type=int, help="Port of the API.")
+@click.option("--registry-port", type=int, help="Port of the local registry [default: PORT+1].")
 @click.option("--serve", is_flag=True, help="Keep the appliance running after the walk-through.")
-def demo(port: int, serve: bool) -> None:
-    """Start the appliance on the embedded default and walk a seeded demo project.
+def demo(port: int, registry_port: int | None, serve: bool) -> None:
+    """Start the appliance on the embedded default and walk the full ML cycle.
 
     Data goes to ANIMUS_DATA_DIR (default ./.animus-demo).
     """
     from appliance.demo import run_demo
 
-    run_demo(port=port, serve=serve, say=click.echo)
+    try:
+        run_demo(port=port, registry_port=registry_port or port + 1, serve=serve, say=click.echo)
+    except AnimusError as exc:
+        raise click.ClickException(exc.message) from None
 
 
 # --- execution ----------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ class Processes:
                 process.kill()
 
 
-def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
+def run_demo(*, port: int, registry_port: int, serve: bool, say: Callable[[str], None]) -> None:
     from appliance import db
     from appliance.audit import log as audit_log
     from appliance.auth import identities
@@ -213,7 +213,6 @@ def run_demo(*, port: int, serve: bool, say: Callable[[str], None]) -> None:
 
     data_dir = Path(os.environ.get("ANIMUS_DATA_DIR", ".animus-demo")).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
-    registry_port = port + 1
     env = {
         **os.environ,
         "ANIMUS_DATA_DIR": str(data_dir),

@@ -20,7 +20,16 @@ def test_demo_walks_the_full_ml_cycle(tmp_path):
         "ANIMUS_LOG_LEVEL": "WARNING",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "appliance", "demo", "--port", str(free_port())],
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "demo",
+            "--port",
+            str(free_port()),
+            "--registry-port",
+            str(free_port()),
+        ],
         env=env,
         capture_output=True,
         text=True,
