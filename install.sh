@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Animus Datalab installer.
 #
+#   ./install.sh --bundle animus-V.tar [--trust-fingerprint FPR] [--prefix /opt/animus]
+#                [--single-host | --kubernetes --kubeconfig PATH] [--port 8080]
+#                [--registry-port 5000] [--allow-downgrade]
+#       Install or upgrade from a bundle file. The host's own gpg checks the detached
+#       signature (animus-V.tar.sig) first; the bundled verifier then unpacks the tar
+#       safely into PREFIX/releases/V and checks every file against the signed manifest;
+#       a virtualenv is made from the bundle's offline wheels (pip --no-index
+#       --require-hashes) and Ansible deploys: registry, database, control plane, Data
+#       Plane, smoke test. An upgrade backs up and migrates first and keeps the previous
+#       release for `animus rollback`. Run without --bundle from an unpacked bundle to
+#       install that directory.
+#
 #   ./install.sh --verify-only --bundle animus-V.tar [--trust-fingerprint FPR] [--allow-downgrade]
-#       Check a bundle before anything in it runs: the host's own gpg verifies the detached
-#       signature over the whole file (animus-V.tar.sig) against the trust anchor (the host
-#       keyring, or the release key's fingerprint), then the stdlib-only verifier checks the
-#       signed manifest and every file. Exit 0 only for a good bundle (codes: docs/bundle.md).
+#       Verify a bundle and stop: exit 0 only for a good bundle (codes: docs/bundle.md).
 #
 #   ./install.sh --demo [--serve] [--port PORT]
 #       On a source checkout: set up .venv, start the appliance on the embedded default
@@ -13,25 +22,41 @@
 #       cycle: dataset version, code at a commit, environment built from the offline
 #       wheelhouse, a production Run in a runc container, its replay, the audit check.
 #
-# The installer only checks the host and hands over to Python; see docs/install.md.
+# Exit status: 0 done; 2 usage; 3 a host prerequisite is missing; 5 the installation
+# refused (e.g. the version is installed from another bundle); 6 the deployment failed;
+# 10-42 the bundle was refused (docs/bundle.md). Guide: docs/install.md.
 set -euo pipefail
 caller_dir="$PWD"
 cd "$(dirname "$0")"
+here="$PWD"
+started=$SECONDS
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+say() { echo "install.sh: [$((SECONDS - started))s] $*" >&2; }
+die() { local status="$1"; shift; echo "install.sh: $*" >&2; exit "$status"; }
 
 mode=""
 demo_args=()
 verify_args=()
 bundle=""
 trusted=""
+prefix="/opt/animus"
+target="single-host"
+kubeconfig=""
+port="8080"
+registry_port="5000"
 while [ $# -gt 0 ]; do
   case "$1" in
     --demo) mode="demo" ;;
     --serve) demo_args+=("--serve") ;;
-    --port) demo_args+=("--port" "${2:?--port needs a number}"); shift ;;
+    --port) port="${2:?--port needs a number}"; demo_args+=("--port" "$port"); shift ;;
+    --registry-port) registry_port="${2:?--registry-port needs a number}"; shift ;;
     --verify-only) mode="verify" ;;
     --bundle) bundle="${2:?--bundle needs the bundle file}"; shift ;;
+    --prefix) prefix="${2:?--prefix needs a directory}"; shift ;;
+    --single-host) target="single-host" ;;
+    --kubernetes) target="kubernetes" ;;
+    --kubeconfig) kubeconfig="${2:?--kubeconfig needs a file}"; shift ;;
     --trust-fingerprint)
       trusted="${2:?--trust-fingerprint needs a fingerprint}"
       verify_args+=("--trust-fingerprint" "$trusted"); shift ;;
@@ -41,51 +66,170 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+absolute() { case "$1" in ""|/*) echo "$1" ;; *) echo "$caller_dir/$1" ;; esac; }
+bundle="$(absolute "$bundle")"
+prefix="$(absolute "$prefix")"
+kubeconfig="$(absolute "$kubeconfig")"
 
 # The first check uses nothing from the bundle: only the host's gpg and the trust anchor.
 outer_signature_check() {
   local file="$1" status fingerprints
-  [ -f "$file" ] || { echo "install.sh: no bundle file $file" >&2; exit 2; }
-  [ -f "$file.sig" ] || { echo "install.sh: signature missing: $file.sig not found" >&2; exit 10; }
-  command -v gpg >/dev/null || { echo "install.sh: gpg is required to verify the bundle" >&2; exit 3; }
+  [ -f "$file" ] || die 2 "no bundle file $file"
+  [ -f "$file.sig" ] || die 10 "signature missing: $file.sig not found"
+  command -v gpg >/dev/null || die 3 "gpg is required to verify the bundle"
   status="$(gpg --batch --status-fd 1 --verify "$file.sig" "$file" 2>/dev/null || true)"
   if ! grep -q '^\[GNUPG:\] VALIDSIG ' <<<"$status"; then
     if grep -q '^\[GNUPG:\] NO_PUBKEY ' <<<"$status"; then
-      echo "install.sh: signature by an unknown key: import the release public key first" >&2
-      exit 12
+      die 12 "signature by an unknown key: import the release public key first"
     fi
-    echo "install.sh: BAD signature over $file: do not use this bundle" >&2
-    exit 11
+    die 11 "BAD signature over $file: do not use this bundle"
   fi
   # VALIDSIG fields: 3 = signing key, 12 = primary key fingerprint.
   fingerprints="$(awk '$2 == "VALIDSIG" {print $3; print $12}' <<<"$status")"
   if [ -n "$trusted" ]; then
     grep -qix "${trusted// /}" <<<"$fingerprints" \
-      || { echo "install.sh: signed by a key that is not $trusted: untrusted" >&2; exit 13; }
+      || die 13 "signed by a key that is not $trusted: untrusted"
   elif ! grep -qE '^\[GNUPG:\] TRUST_(FULLY|ULTIMATE)' <<<"$status"; then
-    echo "install.sh: the signing key is not trusted in this keyring (or give --trust-fingerprint)" >&2
-    exit 13
+    die 13 "the signing key is not trusted in this keyring (or give --trust-fingerprint)"
   fi
   echo "install.sh: outer signature good ($(head -n1 <<<"$fingerprints"))" >&2
 }
 
-case "$bundle" in ""|/*) ;; *) bundle="$caller_dir/$bundle" ;; esac
+python="${PYTHON:-python3}"
+require_python() {
+  command -v "$python" >/dev/null || die 3 "python3 (3.11) is required"
+  "$python" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' \
+    || die 3 "Python 3.11 or newer is required, found $("$python" -V 2>&1)"
+}
+
 if [ "$mode" = "verify" ]; then
-  [ -n "$bundle" ] || { echo "install.sh: --verify-only needs --bundle FILE" >&2; exit 2; }
+  [ -n "$bundle" ] || die 2 "--verify-only needs --bundle FILE"
   outer_signature_check "$bundle"
-  exec "${PYTHON:-python3}" "$(pwd)/bundle/verify.py" "$bundle" "${verify_args[@]}"
+  exec "$python" "$here/bundle/verify.py" "$bundle" "${verify_args[@]}"
 fi
-if [ -n "$bundle" ]; then
-  echo "install.sh: installing from a bundle is not available in this release yet;" \
-       "use --verify-only to check one, and --demo to try the appliance" >&2
-  exit 2
+
+# --- install or upgrade from a bundle ---------------------------------------------------------
+
+# What the host must have before anything is unpacked; each missing part named with its
+# Debian package (install them from the local mirror: nothing is fetched from here on).
+check_host() {
+  local missing=() tool
+  require_python
+  "$python" -c 'import venv, ensurepip' 2>/dev/null \
+    || die 3 "Python's venv module with ensurepip is required (Debian: python3-venv)"
+  "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+    || die 3 "the bundle's wheels are for CPython 3.11, found $("$python" -V 2>&1) (set PYTHON=)"
+  for tool in gpg tar; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  if [ "$target" = "single-host" ]; then
+    for tool in runc docker-registry git; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+    [ "$(id -u)" = 0 ] || die 3 "a single-host installation runs runc containers and must run as root"
+  else
+    [ -n "$kubeconfig" ] || die 2 "--kubernetes needs --kubeconfig PATH"
+    [ -r "$kubeconfig" ] || die 3 "cannot read the kubeconfig $kubeconfig"
+  fi
+  [ ${#missing[@]} -eq 0 ] || die 3 "missing on this host: ${missing[*]} (install the Debian packages of these names from the local mirror)"
+}
+
+# Verify into a staging directory beside the releases, then move it into place in one rename.
+stage_release() {
+  local staging="$1" result="$2" verifier
+  if [ -n "$bundle" ]; then
+    outer_signature_check "$bundle"
+    version="$(basename "$bundle")"; version="${version#animus-}"; version="${version%.tar}"
+    [[ "$version" =~ ^[0-9A-Za-z][0-9A-Za-z.+-]*$ ]] || die 2 "the bundle file is not named animus-VERSION.tar"
+    verifier="$work/verify.py"
+    # The outer signature covers the whole file, so its verifier is the one the key signed.
+    tar -xOf "$bundle" "animus-$version/verify.py" > "$verifier" 2>/dev/null \
+      || die 20 "the bundle has no animus-$version/verify.py"
+    say "verifying and unpacking $bundle"
+    "$python" -I "$verifier" "$bundle" --target "$staging" --install-dir "$prefix" --json \
+      "${verify_args[@]}" > "$result"
+  else
+    [ -f "$here/MANIFEST.json" ] \
+      || die 2 "give --bundle animus-V.tar, or run the install.sh of an unpacked bundle"
+    version="$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$here/MANIFEST.json")"
+    say "copying the unpacked bundle $here, then verifying the copy"
+    mkdir -p "$staging"
+    cp -a "$here/." "$staging/"
+    "$python" -I "$staging/verify.py" "$staging" --install-dir "$prefix" --json \
+      "${verify_args[@]}" > "$result"
+  fi
+}
+
+make_venv() {
+  local release="$1" venv="$1/venv"
+  [ -f "$venv/.complete" ] && { say "virtualenv of $version already made"; return; }
+  rm -rf "$venv"
+  say "creating the virtualenv from the bundle's offline wheels (no network)"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \
+    --find-links "$release/offline-wheels" --require-hashes -r "$release/requirements.lock" \
+    || { rm -rf "$venv"; die 6 "installing the offline wheels failed"; }
+  # The appliance's own wheel: its hash is in the signed manifest, checked above.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
+    "$release"/offline-wheels/animus_datalab-*.whl \
+    || { rm -rf "$venv"; die 6 "installing the appliance's wheel failed"; }
+  touch "$venv/.complete"
+}
+
+# PREFIX/bin/animus: the current release's command with the installation's settings.
+write_command() {
+  mkdir -p "$prefix/bin" "$prefix/etc"
+  cat > "$prefix/bin/.animus.new" <<EOF
+#!/bin/sh
+# The current release's animus, with the settings of this installation.
+set -a
+[ -r "$prefix/etc/animus.env" ] && . "$prefix/etc/animus.env"
+set +a
+ANIMUS_PREFIX="$prefix" exec "$prefix/current/venv/bin/animus" "\$@"
+EOF
+  chmod 0755 "$prefix/bin/.animus.new"
+  mv -f "$prefix/bin/.animus.new" "$prefix/bin/animus"
+}
+
+if [ "$mode" = "" ]; then
+  check_host
+  mkdir -p "$prefix/releases" "$prefix/state"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  staging="$prefix/releases/.staging-$$"
+  trap 'rm -rf "$work" "$staging"' EXIT
+  status=0
+  stage_release "$staging" "$work/verification.json" || status=$?
+  [ "$status" = 0 ] || die "$status" "the bundle was refused (exit $status; see docs/bundle.md); nothing was installed"
+  release="$prefix/releases/$version"
+  if [ -d "$release" ]; then
+    cmp -s "$release/MANIFEST.json" "$staging/MANIFEST.json" \
+      || die 5 "release $version is already installed from a different bundle ($release)"
+    rm -rf "$staging"
+    say "release $version is already unpacked and verified; continuing"
+  else
+    mv "$staging" "$release"
+  fi
+  cp "$work/verification.json" "$prefix/state/verification-$version.json"
+  say "bundle $version verified: $(cat "$work/verification.json")"
+  make_venv "$release"
+  write_command
+  inventory="$release/ansible/inventories/$target/hosts.yml"
+  [ -f "$inventory" ] || die 6 "the bundle has no Ansible inventory $inventory"
+  extra=(-e "animus_prefix=$prefix" -e "animus_release_dir=$release" -e "animus_version=$version"
+         -e "animus_verification_file=$prefix/state/verification-$version.json"
+         -e "animus_port=$port" -e "animus_registry_port=$registry_port")
+  [ -z "$kubeconfig" ] || extra+=(-e "animus_kubeconfig=$kubeconfig")
+  say "handing over to Ansible ($target)"
+  (cd "$release/ansible" && "$release/venv/bin/ansible-playbook" -i "$inventory" site.yml "${extra[@]}") \
+    || die 6 "the deployment failed; the previous release (if any) is still installed: see docs/install.md"
+  say "Animus Datalab $version is installed in $prefix"
+  if [ "$target" = "single-host" ]; then
+    say "control plane: http://127.0.0.1:$port  (readiness: /readyz)"
+    say "first administrator: $prefix/bin/animus admin create-user NAME --role admin --password-stdin"
+  fi
+  exit 0
 fi
+
 [ "$mode" = "demo" ] || { usage >&2; exit 2; }
 
-python="${PYTHON:-python3}"
-command -v "$python" >/dev/null || { echo "install.sh: python3 (3.11+) is required" >&2; exit 3; }
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-  || { echo "install.sh: Python 3.11 or newer is required, found $("$python" -V)" >&2; exit 3; }
+require_python
 # The demo runs user code in runc containers from images in a local registry.
 needed=()
 for tool in git runc docker-registry; do command -v "$tool" >/dev/null || needed+=("$tool"); done

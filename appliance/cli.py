@@ -125,6 +125,12 @@ def db_downgrade(target: int) -> None:
     click.echo(f"schema at version {version}")
 
 
+@db_group.command("newest")
+def db_newest() -> None:
+    """Print the newest schema version this release knows (no database needed)."""
+    click.echo(len(db.available_migrations()))
+
+
 @db_group.command("status")
 def db_status() -> None:
     """Print the current and the newest schema version."""
@@ -414,12 +420,16 @@ def dataplane_register(name: str, backend: str) -> None:
 def _register_build_commands() -> None:
     from appliance.bundle.cli import bundle_group
     from appliance.images import cli as images_cli
+    from appliance.install import cli as install_cli
 
     for group in (
         images_cli.image_group,
         images_cli.registry_group,
         images_cli.env_group,
         bundle_group,
+        install_cli.release_group,
+        install_cli.rollback_command,
+        install_cli.install_group,
     ):
         main.add_command(group)
 

@@ -38,6 +38,8 @@ class Action(StrEnum):
     MODEL_VERSION_REJECTED = "model:version:rejected"
     MODEL_VERSION_EXPORTED = "model:version:exported"
     SIGNING_KEY_GENERATED = "signing:key:generated"
+    BUNDLE_VERIFIED = "install:bundle:verified"
+    RELEASE_ROLLED_BACK = "install:release:rolled_back"
     PIPELINE_CREATED = "pipeline:record:created"
     PIPELINE_RUN_CREATED = "pipeline:run:created"
     PIPELINE_RUN_STATE_CHANGED = "pipeline:run:state_changed"

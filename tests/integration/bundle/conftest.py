@@ -38,7 +38,7 @@ class Signer:
     public_key: Path
 
 
-def _generate(home: Path, uid: str) -> Signer:
+def generate_signer(home: Path, uid: str) -> Signer:
     home.mkdir(mode=0o700)
     gpg = ["gpg", "--batch", "--homedir", str(home)]
     subprocess.run(
@@ -65,8 +65,8 @@ def signers() -> Iterator[tuple[Signer, Signer]]:
     base = Path(tempfile.mkdtemp(prefix="animus-gpg-"))
     try:
         yield (
-            _generate(base / "release", "Animus Release Test <release@example.test>"),
-            _generate(base / "stranger", "Someone Else <else@example.test>"),
+            generate_signer(base / "release", "Animus Release Test <release@example.test>"),
+            generate_signer(base / "stranger", "Someone Else <else@example.test>"),
         )
     finally:
         for home in ("release", "stranger"):

@@ -63,6 +63,51 @@ def test_a_bundle_signed_by_another_key_is_untrusted(tmp_path, release, stranger
     assert result.returncode == 13 and "untrusted" in result.stderr
 
 
-def test_installing_from_a_bundle_says_it_is_not_available_yet(tmp_path, release):
-    result = install("--bundle", tmp_path / "x.tar", signer=release)
-    assert result.returncode == 2 and "--verify-only" in result.stderr
+def test_a_bundle_with_a_changed_byte_installs_nothing(tmp_path, release):
+    tar = make_tar(make_bundle(tmp_path / "b", release), tmp_path / "animus-1.2.0.tar", release)
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0x01
+    tar.write_bytes(bytes(data))
+    prefix = tmp_path / "opt"
+    result = install(
+        "--bundle",
+        tar,
+        "--prefix",
+        prefix,
+        "--trust-fingerprint",
+        release.fingerprint,
+        signer=release,
+    )
+    assert result.returncode == 11 and "BAD signature" in result.stderr
+    assert not (prefix / "releases").exists() or not any((prefix / "releases").iterdir())
+
+
+def test_a_refusal_inside_the_bundle_leaves_no_release_and_no_staging(tmp_path, release):
+    bundle = make_bundle(tmp_path / "b", release)
+    (bundle / "offline-wheels" / "planted-1.0-py3-none-any.whl").write_bytes(b"not listed")
+    tar = make_tar(bundle, tmp_path / "animus-1.2.0.tar", release)
+    prefix = tmp_path / "opt"
+    result = install(
+        "--bundle",
+        tar,
+        "--prefix",
+        prefix,
+        "--trust-fingerprint",
+        release.fingerprint,
+        signer=release,
+    )
+    assert result.returncode == 22, result.stderr
+    assert "planted-1.0-py3-none-any.whl" in result.stderr
+    assert "nothing was installed" in result.stderr
+    assert list((prefix / "releases").iterdir()) == []
+    assert not (prefix / "current").exists() and not (prefix / "VERSION").exists()
+
+
+def test_kubernetes_mode_needs_a_kubeconfig(tmp_path, release):
+    result = install("--bundle", tmp_path / "animus-1.2.0.tar", "--kubernetes", signer=release)
+    assert result.returncode == 2 and "--kubeconfig" in result.stderr
+
+
+def test_install_without_a_bundle_outside_an_unpacked_bundle_says_what_to_give(release):
+    result = install("--prefix", "/nonexistent/animus", signer=release)
+    assert result.returncode == 2 and "--bundle animus-V.tar" in result.stderr

@@ -1,0 +1,1 @@
+"""The installed appliance: releases under a prefix, activation, rollback, install records."""

@@ -1,0 +1,166 @@
+"""Releases under a prefix: atomic activation, the verification record, rollback.
+
+The releases here are directories with a MANIFEST.json and a ``venv/bin/animus`` script that
+answers ``db newest`` the way the real command does (the full path through `install.sh`,
+Ansible and real bundles is in test_offline_install.py). The database, migrations and audit
+chain are real, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from click.testing import CliRunner
+
+from appliance import db
+from appliance.audit import log as audit_log
+from appliance.cli import main
+from appliance.domain.records import AuditEvent
+from appliance.install.releases import Installation, InstallError, activate
+
+VERIFICATION = {
+    "status": "ok",
+    "version": "1.0.0",
+    "manifest_sha256": "ab" * 32,
+    "signer_fingerprint": "8840FC9FF6276B5055DC37EFD5DBB918763A5F93",
+    "files": 83,
+    "bytes": 48203951,
+}
+
+
+def add_release(prefix, version: str, schema_head: int | None = None):
+    release = prefix / "releases" / version
+    (release / "venv" / "bin").mkdir(parents=True)
+    (release / "MANIFEST.json").write_text(json.dumps({"version": version}))
+    script = release / "venv" / "bin" / "animus"
+    newest = schema_head if schema_head is not None else len(db.available_migrations())
+    script.write_text(f'#!/bin/sh\n[ "$1 $2" = "db newest" ] && echo {newest}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return release
+
+
+@pytest.fixture
+def prefix(tmp_path, config, monkeypatch):
+    monkeypatch.setenv("ANIMUS_DATABASE_URL", config.effective_database_url)
+    monkeypatch.setenv("ANIMUS_DATA_DIR", str(config.data_dir))
+    monkeypatch.setenv("ANIMUS_PREFIX", str(tmp_path / "opt"))
+    (tmp_path / "opt").mkdir()
+    yield tmp_path / "opt"
+    if db.database.obj is not None:
+        db.database.close_all()
+
+
+def animus(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_activation_switches_links_atomically_and_keeps_the_previous(prefix):
+    add_release(prefix, "1.0.0")
+    add_release(prefix, "2.0.0")
+    installation = Installation(prefix)
+    assert activate(installation, "1.0.0") == {
+        "changed": True,
+        "current": "1.0.0",
+        "previous": None,
+    }
+    assert activate(installation, "1.0.0")["changed"] is False
+    assert activate(installation, "2.0.0") == {
+        "changed": True,
+        "current": "2.0.0",
+        "previous": "1.0.0",
+    }
+    # Relative links: the prefix can be moved or mounted elsewhere.
+    assert os.readlink(prefix / "current") == "releases/2.0.0"
+    assert os.readlink(prefix / "previous") == "releases/1.0.0"
+    assert (prefix / "VERSION").read_text() == "2.0.0\n"
+    assert not list(prefix.glob(".*.new")), "a temporary link was left behind"
+    code, output = animus("release", "status", "--json")
+    assert code == 0 and json.loads(output)["installed"] == ["1.0.0", "2.0.0"]
+
+
+def test_activation_refuses_what_is_not_installed(prefix):
+    with pytest.raises(InstallError, match="not installed"):
+        activate(Installation(prefix), "9.9.9")
+    (prefix / "releases" / "3.0.0").mkdir(parents=True)
+    (prefix / "releases" / "3.0.0" / "MANIFEST.json").write_text("{}")
+    with pytest.raises(InstallError, match="no virtualenv"):
+        activate(Installation(prefix), "3.0.0")
+    code, output = animus("release", "activate", "--version", "../../etc")
+    assert code == 1 and "not a release version" in output
+    assert not (prefix / "current").exists()
+
+
+def test_the_verification_is_recorded_once_as_an_audit_event(prefix, tmp_path):
+    record = tmp_path / "verification.json"
+    record.write_text(json.dumps(VERIFICATION))
+    code, output = animus("install", "record", "--verification", str(record), "--json")
+    assert code == 0, output
+    first = json.loads(output)
+    assert first["changed"] is True
+    code, output = animus("install", "record", "--verification", str(record), "--json")
+    assert json.loads(output) == {**first, "changed": False}
+    event = AuditEvent.get_by_id(first["seq"])
+    assert event.action == "install:bundle:verified" and event.object_id == "ab" * 32
+    assert event.payload["signer_fingerprint"] == VERIFICATION["signer_fingerprint"]
+    assert audit_log.verify().ok
+
+
+def test_a_refused_or_malformed_verification_is_not_recorded(prefix, tmp_path):
+    record = tmp_path / "verification.json"
+    for content, message in (
+        ("{not json", "cannot read the verification record"),
+        (json.dumps({**VERIFICATION, "signer_fingerprint": ""}), "is not a verification record"),
+        (json.dumps({**VERIFICATION, "status": "refused"}), "records a refused bundle"),
+    ):
+        record.write_text(content)
+        code, output = animus("install", "record", "--verification", str(record))
+        assert code == 1 and message in output
+    db.bind(db.open_database(os.environ["ANIMUS_DATABASE_URL"]))
+    assert AuditEvent.select().where(AuditEvent.action == "install:bundle:verified").count() == 0
+
+
+def test_rollback_reverts_the_newer_schema_and_keeps_the_chain(prefix):
+    newest = len(db.available_migrations())
+    add_release(prefix, "1.0.0", schema_head=newest - 1)
+    add_release(prefix, "2.0.0")
+    activate(Installation(prefix), "1.0.0")
+    activate(Installation(prefix), "2.0.0")
+    code, output = animus("rollback", "--no-services", "--json")
+    assert code == 0, output
+    result = json.loads(output.strip().splitlines()[-1])
+    assert result == {
+        "from": "2.0.0",
+        "to": "1.0.0",
+        "schema_from": newest,
+        "schema_to": newest - 1,
+    }
+    assert os.readlink(prefix / "current") == "releases/1.0.0"
+    assert os.readlink(prefix / "previous") == "releases/2.0.0"
+    db.bind(db.open_database(os.environ["ANIMUS_DATABASE_URL"]))
+    assert db.current_version() == newest - 1
+    assert audit_log.verify().ok
+    last = AuditEvent.select().order_by(AuditEvent.seq.desc()).first()
+    assert last.action == "install:release:rolled_back" and last.payload["to"] == "1.0.0"
+
+
+def test_rollback_without_a_previous_release_changes_nothing(prefix):
+    add_release(prefix, "1.0.0")
+    activate(Installation(prefix), "1.0.0")
+    code, output = animus("rollback", "--no-services")
+    assert code == 1 and "no previous release" in output
+    assert os.readlink(prefix / "current") == "releases/1.0.0"
+
+
+def test_rollback_refuses_a_previous_release_newer_than_the_database(prefix):
+    newest = len(db.available_migrations())
+    add_release(prefix, "1.0.0", schema_head=newest + 1)
+    add_release(prefix, "2.0.0")
+    activate(Installation(prefix), "1.0.0")
+    activate(Installation(prefix), "2.0.0")
+    code, output = animus("rollback", "--no-services")
+    assert code == 1 and "nothing was changed" in output
+    assert os.readlink(prefix / "current") == "releases/2.0.0"
