@@ -162,11 +162,11 @@ make_venv() {
   rm -rf "$venv"
   say "creating the virtualenv from the bundle's offline wheels (no network)"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-compile \
     --find-links "$release/offline-wheels" --require-hashes -r "$release/requirements.lock" \
     || { rm -rf "$venv"; die 6 "installing the offline wheels failed"; }
   # The appliance's own wheel: its hash is in the signed manifest, checked above.
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-compile --no-deps \
     "$release"/offline-wheels/animus_datalab-*.whl \
     || { rm -rf "$venv"; die 6 "installing the appliance's wheel failed"; }
   touch "$venv/.complete"

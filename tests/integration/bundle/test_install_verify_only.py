@@ -4,7 +4,10 @@ any code from the bundle runs, then the stdlib verifier checks everything inside
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from tests.integration.bundle.conftest import ROOT, make_bundle, make_tar, sign_file
 
@@ -111,3 +114,25 @@ def test_kubernetes_mode_needs_a_kubeconfig(tmp_path, release):
 def test_install_without_a_bundle_outside_an_unpacked_bundle_says_what_to_give(release):
     result = install("--prefix", "/nonexistent/animus", signer=release)
     assert result.returncode == 2 and "--bundle animus-V.tar" in result.stderr
+
+
+def test_a_missing_host_prerequisite_is_named_before_anything_is_unpacked(tmp_path, release):
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "python3").symlink_to(Path(sys.executable).resolve())
+    for name in ("bash", "dirname", "id", "gpg", "tar", "git", "docker-registry"):
+        found = shutil.which(name)
+        assert found, name
+        (tools / name).symlink_to(found)
+    tar = make_tar(make_bundle(tmp_path / "b", release), tmp_path / "animus-1.2.0.tar", release)
+    result = subprocess.run(
+        ["bash", str(ROOT / "install.sh"), "--bundle", str(tar), "--prefix", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(tools), "GNUPGHOME": str(release.home)},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "missing on this host: runc" in result.stderr
+    assert not (tmp_path / "o").exists()
