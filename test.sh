@@ -16,7 +16,7 @@ stamp="$venv/.animus-installed"
 wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   echo "test.sh: installing the pinned dependencies into $venv" >&2
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test,release]'
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test,release,deploy]'
   echo "$wanted" > "$stamp"
 fi
 

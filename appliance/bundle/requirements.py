@@ -3,8 +3,8 @@
 One requirement a line, in pip's own format (``name==version --hash=sha256:…``) so that
 ``pip install --no-index --find-links offline-wheels --require-hashes -r requirements.lock``
 installs exactly these files; a trailing comment names the wheel file and its size.
-It is generated from ``pyproject.toml``'s dependencies for the target platform by
-``animus bundle lock`` and committed.
+It is generated from ``pyproject.toml``'s dependencies (and the ``deploy`` extra) for the
+target platform by ``animus bundle lock`` and committed.
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ _LINE = re.compile(
 )
 
 
+#: Optional dependency groups an installation needs besides the core ones: ``deploy`` is
+#: ansible-core, which install.sh runs from the bundle's virtualenv.
+BUNDLED_EXTRAS = ("deploy",)
+
+
 def project_dependencies(repo_root: Path) -> list[str]:
-    """The pinned ``dependencies`` of the repository's pyproject.toml."""
+    """The pinned ``dependencies`` of the repository's pyproject.toml, with those of the
+    extras an installation runs (``BUNDLED_EXTRAS``)."""
     project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
-    return list(project["dependencies"])
+    extras = project.get("optional-dependencies", {})
+    return [*project["dependencies"], *(r for name in BUNDLED_EXTRAS for r in extras[name])]
 
 
 def render_requirements_lock(wheels: list[Wheel]) -> str:
