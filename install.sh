@@ -3,7 +3,7 @@
 #
 #   ./install.sh --bundle animus-V.tar [--trust-fingerprint FPR] [--prefix /opt/animus]
 #                [--single-host | --kubernetes --kubeconfig PATH] [--port 8080]
-#                [--registry-port 5000] [--allow-downgrade]
+#                [--registry-port 5000] [--settings site.yml] [--allow-downgrade]
 #       Install or upgrade from a bundle file. The host's own gpg checks the detached
 #       signature (animus-V.tar.sig) first; the bundled verifier then unpacks the tar
 #       safely into PREFIX/releases/V and checks every file against the signed manifest;
@@ -11,7 +11,8 @@
 #       --require-hashes) and Ansible deploys: registry, database, control plane, Data
 #       Plane, smoke test. An upgrade backs up and migrates first and keeps the previous
 #       release for `animus rollback`. Run without --bundle from an unpacked bundle to
-#       install that directory.
+#       install that directory. --settings passes a YAML file of Ansible variables
+#       (docs/ansible.md: PostgreSQL URL, registry name and password, …).
 #
 #   ./install.sh --verify-only --bundle animus-V.tar [--trust-fingerprint FPR] [--allow-downgrade]
 #       Verify a bundle and stop: exit 0 only for a good bundle (codes: docs/bundle.md).
@@ -31,7 +32,7 @@ cd "$(dirname "$0")"
 here="$PWD"
 started=$SECONDS
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 say() { echo "install.sh: [$((SECONDS - started))s] $*" >&2; }
 die() { local status="$1"; shift; echo "install.sh: $*" >&2; exit "$status"; }
 
@@ -43,6 +44,7 @@ trusted=""
 prefix="/opt/animus"
 target="single-host"
 kubeconfig=""
+settings=""
 port="8080"
 registry_port="5000"
 while [ $# -gt 0 ]; do
@@ -57,6 +59,7 @@ while [ $# -gt 0 ]; do
     --single-host) target="single-host" ;;
     --kubernetes) target="kubernetes" ;;
     --kubeconfig) kubeconfig="${2:?--kubeconfig needs a file}"; shift ;;
+    --settings) settings="${2:?--settings needs a YAML file}"; shift ;;
     --trust-fingerprint)
       trusted="${2:?--trust-fingerprint needs a fingerprint}"
       verify_args+=("--trust-fingerprint" "$trusted"); shift ;;
@@ -70,6 +73,7 @@ absolute() { case "$1" in ""|/*) echo "$1" ;; *) echo "$caller_dir/$1" ;; esac; 
 bundle="$(absolute "$bundle")"
 prefix="$(absolute "$prefix")"
 kubeconfig="$(absolute "$kubeconfig")"
+settings="$(absolute "$settings")"
 
 # The first check uses nothing from the bundle: only the host's gpg and the trust anchor.
 outer_signature_check() {
@@ -215,14 +219,15 @@ if [ "$mode" = "" ]; then
   extra=(-e "animus_prefix=$prefix" -e "animus_release_dir=$release" -e "animus_version=$version"
          -e "animus_verification_file=$prefix/state/verification-$version.json"
          -e "animus_port=$port" -e "animus_registry_port=$registry_port")
-  [ -z "$kubeconfig" ] || extra+=(-e "animus_kubeconfig=$kubeconfig")
+  [ -z "$kubeconfig" ] || extra+=(-e "animus_k8s_kubeconfig=$kubeconfig")
+  [ -z "$settings" ] || extra+=(-e "@$settings")
   say "handing over to Ansible ($target)"
   (cd "$release/ansible" && "$release/venv/bin/ansible-playbook" -i "$inventory" site.yml "${extra[@]}") \
     || die 6 "the deployment failed; the previous release (if any) is still installed: see docs/install.md"
   say "Animus Datalab $version is installed in $prefix"
   if [ "$target" = "single-host" ]; then
     say "control plane: http://127.0.0.1:$port  (readiness: /readyz)"
-    say "first administrator: $prefix/bin/animus admin create-user NAME --role admin --password-stdin"
+    say "first administrator: $prefix/bin/animus admin create-user NAME --system-admin --password-stdin"
   fi
   exit 0
 fi

@@ -56,11 +56,17 @@ def record_verification(installation: Installation, verification: dict) -> dict:
                 "signer_fingerprint": verification["signer_fingerprint"],
                 "files": verification.get("files"),
                 "bytes": verification.get("bytes"),
-                "installed_version": installation.current,
+                "upgraded_from": _upgraded_from(installation, verification["version"]),
                 "prefix": str(installation.prefix),
             },
         )
     return {"changed": True, "seq": event.seq, "version": verification["version"]}
+
+
+def _upgraded_from(installation: Installation, version: str) -> str | None:
+    """The release this bundle replaces, whether it was recorded before or after activation."""
+    current = installation.current
+    return installation.previous if current == version else current
 
 
 def run_services(control: Path | None, action: str) -> None:
