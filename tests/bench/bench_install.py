@@ -53,8 +53,13 @@ def install_once(ns: Namespace, bundle: Path, fingerprint: str, home: Path, pref
         text=True,
     )
     proc = subprocess.run(
-        ns.command(ROOT / "install.sh", "--bundle", bundle, "--trust-fingerprint", fingerprint)
-        + ["--prefix", str(prefix)],
+        [
+            *ns.command(
+                ROOT / "install.sh", "--bundle", bundle, "--trust-fingerprint", fingerprint
+            ),
+            "--prefix",
+            str(prefix),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "GNUPGHOME": str(home)},
@@ -96,7 +101,9 @@ def main() -> None:
             print(f"round {round_number}:")
             for second, step in result["steps"]:
                 print(f"  [{second:>3}s] {step[:100]}")
-            print(f"  install.sh start → first /readyz 200: {result['ready']:.1f} s (target < 60 s)")
+            print(
+                f"  install.sh start → first /readyz 200: {result['ready']:.1f} s (target < 60 s)"
+            )
             print(f"  install.sh start → install.sh done:   {result['total']:.1f} s")
     finally:
         subprocess.run(["gpgconf", "--homedir", str(key.home), "--kill", "all"], check=False)
