@@ -15,7 +15,10 @@ hundred wheels of very different sizes, and many small files (docs, Ansible cont
 verifier runs as install.sh runs it (``$PYTHON -I verify.py``).
 
     PYTHON=/usr/bin/python3 .venv/bin/python tests/bench/bench_bundle_verify.py \\
-        [--size-mib 2048] [--rounds 5]
+        [--size-mib 2048] [--rounds 5] [--install]
+
+With ``--install`` it then times ``install.sh`` start → the first ``/readyz`` on a real
+bundle, offline (tests/bench/bench_install.py; target under 60 s).
 """
 
 from __future__ import annotations
@@ -200,6 +203,12 @@ def main() -> None:
         help="interpreter that runs verify.py, with -I as install.sh does (default: $PYTHON, "
         "else this one)",
     )
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="then build a real bundle and time install.sh start → /readyz on the embedded "
+        "default, offline (root; tests/bench/bench_install.py)",
+    )
     args = parser.parse_args()
     verifier = _load_verifier()
     work = Path(tempfile.mkdtemp(prefix="animus-bench-"))
@@ -277,6 +286,10 @@ def main() -> None:
     finally:
         subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False)
         shutil.rmtree(work, ignore_errors=True)
+    if args.install:
+        import bench_install  # beside this file
+
+        bench_install.run()
 
 
 if __name__ == "__main__":

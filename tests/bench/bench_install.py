@@ -82,14 +82,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="fresh installs to time")
     parser.add_argument("--keep", type=Path, help="build the bundle here and keep it")
     args = parser.parse_args()
+    run(args.rounds, args.keep)
+
+
+def run(rounds: int = 1, keep: Path | None = None) -> None:
+    """Build a bundle, install it ROUNDS times into fresh prefixes, print the times."""
     work = Path(tempfile.mkdtemp(prefix="animus-bench-"))
     key = generate_signer(work / "gpg", "Animus Bench <bench@example.test>")
-    out = args.keep or work / "out"
+    out = keep or work / "out"
     print("building the bundle (not timed) …", flush=True)
     built = build_bundle("1.0.0", key.fingerprint, out, images=("runner",), gnupghome=key.home)
     print(f"bundle {built.tar} {built.size / (1 << 20):.0f} MiB", flush=True)
     try:
-        for round_number in range(1, args.rounds + 1):
+        for round_number in range(1, rounds + 1):
             ns = Namespace()
             prefix = work / f"prefix-{round_number}"
             try:
