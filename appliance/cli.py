@@ -435,3 +435,13 @@ def _register_build_commands() -> None:
 
 
 _register_build_commands()
+
+
+def _register_ops_commands() -> None:
+    from appliance.ops.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_ops_commands()

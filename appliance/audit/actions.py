@@ -44,3 +44,5 @@ class Action(StrEnum):
     PIPELINE_RUN_CREATED = "pipeline:run:created"
     PIPELINE_RUN_STATE_CHANGED = "pipeline:run:state_changed"
     PIPELINE_STEP_STATE_CHANGED = "pipeline:step:state_changed"
+    BACKUP_CREATED = "ops:backup:created"
+    BACKUP_RESTORED = "ops:backup:restored"
