@@ -1,6 +1,6 @@
 """``animus bundle build | verify | lock``.
 
-The top-level ``animus`` group adds ``bundle_group`` with ``main.add_command()``. Progress
+The top-level ``animus`` group loads ``bundle_group`` when it runs. Progress
 goes to stderr, results to stdout. The build's dependencies (python-gnupg, CycloneDX) are
 imported only when a bundle is built.
 """

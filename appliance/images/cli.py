@@ -1,6 +1,6 @@
 """``animus image …``, ``animus registry …`` and ``animus env …``.
 
-The top-level ``animus`` group adds these with ``main.add_command()``. Commands print
+The top-level ``animus`` group loads these groups when one of them runs. Commands print
 progress on stderr and results on stdout (``--json`` where a machine reads them).
 """
 

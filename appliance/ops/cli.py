@@ -1,6 +1,6 @@
 """``animus backup DIR`` and ``animus restore DIR``.
 
-The top-level ``animus`` group adds ``COMMANDS`` with ``main.add_command()``. Progress goes
+The top-level ``animus`` group loads these commands when one of them runs. Progress goes
 to stderr, the result to stdout (``--json`` for machines). Failures print one line
 ``error: CODE: message`` and exit with the code documented on ``BackupError``.
 """
@@ -112,6 +112,3 @@ def restore_command(directory: Path, force: bool, verify_only: bool, as_json: bo
         click.echo(f"restored {result['source']}: audit chain {result['audit_verify']}")
         if result["schema_upgrade_needed"]:
             click.echo("the schema is older than this release: run `animus db upgrade`")
-
-
-COMMANDS = (backup_command, restore_command)
