@@ -78,9 +78,10 @@ def create_app(config: Config | None = None) -> Flask:
             200 if ready else 503
         )
 
-    from appliance import api
+    from appliance import api, ui
 
     api.init_app(app)
+    ui.init_app(app)
     return app
 
 

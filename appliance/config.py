@@ -92,6 +92,27 @@ SETTINGS: dict[str, Setting] = {
         "Fingerprint of the secret key in the signing GPG home that signs exports. Empty: the "
         "generated installation key.",
     ),
+    "session_ttl_seconds": Setting(
+        "ANIMUS_SESSION_TTL_SECONDS",
+        str(12 * 3600),
+        "Longest life of a web UI session, in seconds, however active it is.",
+    ),
+    "session_idle_seconds": Setting(
+        "ANIMUS_SESSION_IDLE_SECONDS",
+        str(30 * 60),
+        "A web UI session ends after this many seconds without a request.",
+    ),
+    "max_sessions_per_user": Setting(
+        "ANIMUS_MAX_SESSIONS_PER_USER",
+        "5",
+        "Most parallel web UI sessions of one user; signing in once more ends the oldest.",
+    ),
+    "session_cookie_secure": Setting(
+        "ANIMUS_SESSION_COOKIE_SECURE",
+        "auto",
+        "Mark the session cookie `Secure`: `auto` when the request came over HTTPS, `1` "
+        "always (behind a TLS-terminating proxy), `0` never.",
+    ),
 }
 
 
@@ -116,6 +137,10 @@ class Config:
     lease_seconds: int
     signing_gnupg_home: str
     signing_key: str
+    session_ttl_seconds: int
+    session_idle_seconds: int
+    max_sessions_per_user: int
+    session_cookie_secure: str
 
     @property
     def blob_dir(self) -> Path:
@@ -158,6 +183,8 @@ class Config:
                     values[f.name] = str(value)
             except ValueError as exc:
                 raise ConfigError(f"{setting.env}={value!r}: {exc}") from None
+        if values["session_cookie_secure"] not in ("auto", "1", "0"):
+            raise ConfigError("ANIMUS_SESSION_COOKIE_SECURE must be auto, 1 or 0")
         url = str(values["database_url"])
         if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ConfigError("ANIMUS_DATABASE_URL must start with sqlite:/// or postgresql://")

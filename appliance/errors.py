@@ -20,6 +20,7 @@ STATUS_BY_CODE: dict[str, int] = {
     # identity
     "unauthenticated": 401,
     "invalid_credentials": 401,
+    "too_many_attempts": 429,
     "forbidden": 403,
     # objects
     "not_found": 404,

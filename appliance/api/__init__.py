@@ -18,6 +18,7 @@ def init_app(app: Flask) -> None:
         pipelines,
         projects,
         runs,
+        sessions,
     )
 
     for module in (
@@ -30,6 +31,7 @@ def init_app(app: Flask) -> None:
         audit,
         dataplane,
         models,
+        sessions,
         openapi,
     ):
         app.register_blueprint(module.bp)

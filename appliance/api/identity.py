@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, request
 
 from appliance.api import schemas as s
 from appliance.api.pages import QUERY, page, page_schema
@@ -91,11 +91,13 @@ def issue_token_response(
     ),
     response=s.TOKEN,
     status=201,
-    errors=(400, 401),
+    errors=(400, 401, 429),
 )
 def login(body):
     ctx = context()
-    user = identities.authenticate_password(ctx, body["username"], body["password"])
+    user = identities.authenticate_password(
+        ctx, body["username"], body["password"], remote_addr=request.remote_addr or ""
+    )
     principal_ctx = Context(identities.principal_for_user(user), ctx.request_id)
     return issue_token_response(principal_ctx, {"name": "login", **body}, user=user)
 

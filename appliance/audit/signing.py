@@ -156,6 +156,21 @@ def signing_key(home: Path, configured: str, installation_id: str) -> SigningKey
     )
 
 
+def existing_signing_key(home: Path, configured: str, installation_id: str) -> SigningKey | None:
+    """The key ``signing_key`` would use, or None when the installation key is not made yet.
+
+    Never generates a key (for pages that only show it).
+    """
+    if configured:
+        return signing_key(home, configured, installation_id)
+    if not home.is_dir():
+        return None
+    uid = GENERATED_UID_PREFIX + installation_id
+    if not any(u == uid for _, u in _secret_keys(home)):
+        return None
+    return signing_key(home, configured, installation_id)
+
+
 def _algorithm(home: Path, fingerprint: str) -> str:
     listing = _gpg(home, "--with-colons", "--list-keys", fingerprint).stdout.decode()
     for line in listing.splitlines():

@@ -18,6 +18,7 @@ from appliance.domain.records import (
     Project,
     RoleBinding,
     ServiceAccount,
+    SignInFailure,
     User,
     create_named,
     new_id,
@@ -29,6 +30,13 @@ USERNAME = re.compile(r"^[a-z][a-z0-9._-]{1,63}$")
 DATA_PLANE_TOKEN_PREFIX = "anmdp_"  # noqa: S105 (a prefix, not a secret)
 TOKEN_PREFIX = "anm_"  # noqa: S105 (a prefix, not a secret)
 SYSTEM_ROLES = ("admin", "auditor")
+#: After this many failed sign-ins for one username or one client address within
+#: ``THROTTLE_WINDOW``, further attempts for that key are refused until the window passes.
+THROTTLE_ATTEMPTS = 5
+THROTTLE_WINDOW = timedelta(minutes=15)
+#: What a failed sign-in records instead of a username that names no account: the text
+#: typed may be a password typed into the wrong field, and the audit chain is permanent.
+UNKNOWN_USERNAME = "(no such user)"
 
 
 def _token_digest(token: str) -> str:
@@ -130,8 +138,13 @@ def issue_token(
     user: User | None = None,
     service_account: ServiceAccount | None = None,
     name: str = "",
+    session_id: str | None = None,
 ) -> tuple[ApiToken, str]:
-    """Create a token; returns the record and the secret, which is shown once and never stored."""
+    """Create a token; returns the record and the secret, which is shown once and never stored.
+
+    ``session_id``: the web session issuing a personal token; revoking that session (a
+    forced logout) revokes the token too.
+    """
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     expires = _rfc3339(datetime.now(UTC) + timedelta(seconds=ttl_seconds))
     with db.write_transaction():
@@ -142,6 +155,7 @@ def issue_token(
             service_account_id=service_account.id if service_account else None,
             name=name,
             expires_at=expires,
+            session_id=session_id,
         )
         audit.record(
             ctx,
@@ -155,12 +169,14 @@ def issue_token(
                 else f"service_account:{service_account.id}",
                 "name": name,
                 "expires_at": expires,
+                **({"session_id": session_id} if session_id else {}),
             },
         )
     return token, secret
 
 
-def revoke_token(ctx: Context, token: ApiToken) -> ApiToken:
+def revoke_token(ctx: Context, token: ApiToken, *, reason: str = "") -> ApiToken:
+    """Stop ``token`` working (audited, with ``reason`` when one is given)."""
     with db.write_transaction():
         if token.revoked_at is None:
             token.revoked_at = utc_now()
@@ -176,6 +192,7 @@ def revoke_token(ctx: Context, token: ApiToken) -> ApiToken:
                 project_id=account.project_id if account else None,
                 object_type="api_token",
                 object_id=token.id,
+                payload={"reason": reason} if reason else None,
             )
     return token
 
@@ -230,22 +247,104 @@ def principal_for_token(secret: str) -> Principal | None:
     )
 
 
-def authenticate_password(ctx: Context, username: str, password: str) -> User:
-    """Check a username and password; both outcomes are audited."""
+def _throttle_keys(username: str, remote_addr: str) -> list[str]:
+    # The username is kept only as a digest: what was typed may be a password.
+    keys = ["user:" + hashlib.sha256(username.encode()).hexdigest()]
+    if remote_addr:
+        keys.append("addr:" + remote_addr[:64])
+    return keys
+
+
+def _throttled_until(keys: list[str], now: datetime) -> datetime | None:
+    """When every key of ``keys`` that is over the limit has freed up, or None if none is."""
+    since = _rfc3339(now - THROTTLE_WINDOW)
+    until: datetime | None = None
+    for key in keys:
+        recent = list(
+            SignInFailure.select(SignInFailure.failed_at)
+            .where((SignInFailure.throttle_key == key) & (SignInFailure.failed_at > since))
+            .order_by(SignInFailure.failed_at.desc())
+            .limit(THROTTLE_ATTEMPTS)
+        )
+        if len(recent) >= THROTTLE_ATTEMPTS:
+            oldest = datetime.strptime(recent[-1].failed_at, "%Y-%m-%dT%H:%M:%S.%fZ")
+            free = oldest.replace(tzinfo=UTC) + THROTTLE_WINDOW
+            until = free if until is None else max(until, free)
+    return until
+
+
+def authenticate_password(
+    ctx: Context, username: str, password: str, *, remote_addr: str = ""
+) -> User:
+    """Check a username and password; every outcome is audited.
+
+    Refused without checking the password (``too_many_attempts``) while the username or
+    ``remote_addr`` has ``THROTTLE_ATTEMPTS`` failures within ``THROTTLE_WINDOW``. The
+    failures are kept in the database, so every server process applies the same limit.
+    """
     user = User.get_or_none(User.username == username)
+    named = (
+        {"username": username}
+        if user is not None
+        else {"username": UNKNOWN_USERNAME, "username_length": len(username)}
+    )
+    keys = _throttle_keys(username, remote_addr)
+    now = datetime.now(UTC)
+    blocked_until = _throttled_until(keys, now)
     ok = (
-        passwords.verify_password(password, user.password_hash if user else None)
+        blocked_until is None
+        and passwords.verify_password(password, user.password_hash if user else None)
         and user is not None
         and user.is_active
     )
     with db.write_transaction():
+        payload = {**named, "method": "password"}
+        if blocked_until is not None:
+            payload["reason"] = "throttled"
         audit.record(
             ctx,
             Action.LOGIN_SUCCEEDED if ok else Action.LOGIN_FAILED,
             object_type="user",
             object_id=user.id if user else "",
-            payload={"username": username, "method": "password"},
+            payload=payload,
+        )
+        if ok:
+            SignInFailure.delete().where(SignInFailure.throttle_key == keys[0]).execute()
+        elif blocked_until is None:
+            # Only checked attempts count, so a refused one does not push the window on.
+            for key in keys:
+                SignInFailure.create(id=new_id("sif"), throttle_key=key, failed_at=_rfc3339(now))
+            SignInFailure.delete().where(
+                SignInFailure.failed_at <= _rfc3339(now - THROTTLE_WINDOW)
+            ).execute()
+    if blocked_until is not None:
+        wait = max(1, int((blocked_until - now).total_seconds()) + 1)
+        raise AnimusError(
+            f"too many failed sign-in attempts; try again in {(wait + 59) // 60} minutes",
+            code="too_many_attempts",
+            details={"retry_after_seconds": wait},
         )
     if not ok:
         raise AnimusError("wrong username or password", code="invalid_credentials")
+    return user
+
+
+def deactivate_user(ctx: Context, user: User) -> User:
+    """Switch an account off: its tokens stop working at once and its web sessions end."""
+    from appliance.auth.sessions import end_all_sessions
+
+    if ctx.principal.kind == "user" and ctx.principal.id == user.id:
+        raise AnimusError("you cannot deactivate your own account", code="invalid_state")
+    with db.write_transaction():
+        if user.is_active:
+            user.is_active = False
+            User.update(is_active=False).where(User.id == user.id).execute()
+            audit.record(
+                ctx,
+                Action.USER_DEACTIVATED,
+                object_type="user",
+                object_id=user.id,
+                payload={"username": user.username},
+            )
+            end_all_sessions(ctx, user, reason="account deactivated")
     return user

@@ -90,7 +90,7 @@ def _one(kind: str, object_id: str | None, project_id: str) -> Iterator[Node]:
             yield kind, found
 
 
-def _upstream(kind: str, record) -> Iterator[tuple[Node, str]]:
+def _upstream(kind: str, record, _limit: int) -> Iterator[tuple[Node, str]]:
     pid = record.project_id
     if kind == "dataset_version":
         for node in _one("dataset_version", record.parent_id, pid):
@@ -118,44 +118,58 @@ def _upstream(kind: str, record) -> Iterator[tuple[Node, str]]:
             yield node, "exported_as"
 
 
-def _downstream(kind: str, record) -> Iterator[tuple[Node, str]]:
+def _downstream(kind: str, record, limit: int) -> Iterator[tuple[Node, str]]:
+    """What was made from ``record``: at most ``limit`` of each kind (the walk's node budget
+    plus one, so reading more could not change the answer, only cost time)."""
     pid = record.project_id
     in_project = Run.project_id == pid
     if kind == "dataset_version":
-        for child in DatasetVersion.select().where(
-            (DatasetVersion.parent_id == record.id) & (DatasetVersion.project_id == pid)
+        for child in (
+            DatasetVersion.select()
+            .where((DatasetVersion.parent_id == record.id) & (DatasetVersion.project_id == pid))
+            .limit(limit)
         ):
             yield ("dataset_version", child), "derived_from"
         # inputs are JSON text: narrow with LIKE, then check exactly
-        for run in Run.select().where(in_project & Run.inputs.contains(record.id)):
+        for run in Run.select().where(in_project & Run.inputs.contains(record.id)).limit(limit):
             if any(i["dataset_version_id"] == record.id for i in run.inputs):
                 yield ("run", run), "input"
     elif kind == "code_ref":
-        for run in Run.select().where(in_project & (Run.code_ref_id == record.id)):
+        for run in Run.select().where(in_project & (Run.code_ref_id == record.id)).limit(limit):
             yield ("run", run), "code"
     elif kind == "environment_lock":
-        for run in Run.select().where(in_project & (Run.environment_lock_id == record.id)):
+        for run in (
+            Run.select().where(in_project & (Run.environment_lock_id == record.id)).limit(limit)
+        ):
             yield ("run", run), "environment"
     elif kind == "run":
-        for artifact in Artifact.select().where(
-            (Artifact.run_id == record.id) & (Artifact.project_id == pid)
+        for artifact in (
+            Artifact.select()
+            .where((Artifact.run_id == record.id) & (Artifact.project_id == pid))
+            .limit(limit)
         ):
             yield ("artifact", artifact), "output"
-        for run in Run.select().where(in_project & (Run.source_run_id == record.id)):
+        for run in Run.select().where(in_project & (Run.source_run_id == record.id)).limit(limit):
             yield ("run", run), run.source_kind or "source"
     elif kind == "artifact":
-        for version in ModelVersion.select().where(
-            (ModelVersion.artifact_id == record.id) & (ModelVersion.project_id == pid)
+        for version in (
+            ModelVersion.select()
+            .where((ModelVersion.artifact_id == record.id) & (ModelVersion.project_id == pid))
+            .limit(limit)
         ):
             yield ("model_version", version), "registered_as"
     elif kind == "model":
-        for version in ModelVersion.select().where(
-            (ModelVersion.model_id == record.id) & (ModelVersion.project_id == pid)
+        for version in (
+            ModelVersion.select()
+            .where((ModelVersion.model_id == record.id) & (ModelVersion.project_id == pid))
+            .limit(limit)
         ):
             yield ("model_version", version), "version"
     elif kind == "model_version":
-        for export in ModelExport.select().where(
-            (ModelExport.model_version_id == record.id) & (ModelExport.project_id == pid)
+        for export in (
+            ModelExport.select()
+            .where((ModelExport.model_version_id == record.id) & (ModelExport.project_id == pid))
+            .limit(limit)
         ):
             yield ("model_export", export), "exported_as"
 
@@ -176,16 +190,20 @@ def lineage_graph(project: Project, object_id: str, *, max_nodes: int = MAX_NODE
     edges: set[Edge] = set()
     truncated = False
 
-    def walk(step: Callable[[str, object], Iterator[tuple[Node, str]]], upstream: bool) -> None:
+    def walk(
+        step: Callable[[str, object, int], Iterator[tuple[Node, str]]], upstream: bool
+    ) -> None:
         nonlocal truncated
         queue = deque([(root_kind, root)])
         seen = {root.id}
         while queue:
             kind, record = queue.popleft()
-            for (other_kind, other), edge_kind in step(kind, record):
+            for (other_kind, other), edge_kind in step(kind, record, max_nodes + 1):
                 if other.id not in nodes and len(nodes) >= max_nodes:
+                    # Full: stop reading this object's neighbours (a dataset version used
+                    # by thousands of runs must not load them all to draw a capped graph).
                     truncated = True
-                    continue
+                    break
                 nodes.setdefault(other.id, (other_kind, other))
                 edge = (other.id, record.id) if upstream else (record.id, other.id)
                 edges.add((*edge, edge_kind))

@@ -121,9 +121,42 @@ class ApiToken(Record):
     created_at = peewee.TextField(default=utc_now)
     expires_at = peewee.TextField()
     revoked_at = peewee.TextField(null=True)
+    #: The web session that issued a personal token (its forced logout revokes the token).
+    session_id = peewee.TextField(null=True)
 
     class Meta:
         table_name = "api_tokens"
+
+
+class Session(Record):
+    """A signed-in browser: only the hash of its secret is stored."""
+
+    id = peewee.TextField(primary_key=True)
+    token_hash = peewee.TextField(unique=True)
+    user_id = peewee.TextField()
+    csrf_token = peewee.TextField()
+    created_at = peewee.TextField(default=utc_now)
+    last_seen_at = peewee.TextField(default=utc_now)
+    expires_at = peewee.TextField()
+    remote_addr = peewee.TextField(default="")
+    user_agent = peewee.TextField(default="")
+    ended_at = peewee.TextField(null=True)
+    ended_by = peewee.TextField(null=True)
+    end_reason = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "sessions"
+
+
+class SignInFailure(Record):
+    """A failed password sign-in under one throttle key (never the typed text itself)."""
+
+    id = peewee.TextField(primary_key=True)
+    throttle_key = peewee.TextField()
+    failed_at = peewee.TextField()
+
+    class Meta:
+        table_name = "sign_in_failures"
 
 
 class Dataset(Record):

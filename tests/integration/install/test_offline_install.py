@@ -214,6 +214,8 @@ def test_install_offline_then_the_demo_project_works(installed, bundles, code_re
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]
     print(f"install.sh → done in {elapsed:.1f} s")
     assert installed.get("/readyz")[0] == 200
+    status, page = installed.get("/ui/sign-in")  # the wheel carries the UI's templates
+    assert status == 200 and "<form" in page
 
     # The first audit event of the installation is the bundle's verification.
     seq, action, payload = installed.audit_events()[0]
