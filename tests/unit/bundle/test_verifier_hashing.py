@@ -44,6 +44,21 @@ def test_a_file_hashes_to_hashlib_at_every_read_boundary(tmp_path, size):
     assert verify._hash_file(path) == (hashlib.sha256(data).hexdigest(), size)
 
 
+MAP = verify.MAP_FROM
+SLICE = verify.MAP_SLICE
+
+
+@pytest.mark.parametrize("size", [MAP - 1, MAP, MAP + 1, 2 * SLICE + 7, 3 * SLICE])
+def test_large_files_hash_through_the_mapping_to_hashlib(tmp_path, size, monkeypatch):
+    data = os.urandom(size)
+    path = _write(tmp_path / "layer", data)
+    mapped = []
+    real = verify._hash_mapped
+    monkeypatch.setattr(verify, "_hash_mapped", lambda fd, n: mapped.append(n) or real(fd, n))
+    assert verify._hash_file(path) == (hashlib.sha256(data).hexdigest(), size)
+    assert mapped == ([size] if size >= MAP else [])
+
+
 def test_one_buffer_serves_many_files_without_leaking_bytes_between_them(tmp_path):
     big = _write(tmp_path / "big", os.urandom(READ + 100))
     small = _write(tmp_path / "small", b"abc")
