@@ -195,7 +195,6 @@ if [ "$mode" = "" ]; then
   check_host
   mkdir -p "$prefix/releases" "$prefix/state"
   work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
   staging="$prefix/releases/.staging-$$"
   trap 'rm -rf "$work" "$staging"' EXIT
   status=0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,10 +64,18 @@ def record(
     return AuditEvent.create(**event, hash=chain.event_hash(prev_hash, text), canonical=text)
 
 
+def decode_row(row: tuple) -> tuple[int, dict, str, str, str]:
+    """An ``audit_events`` row selected as ``seq, at, actor, action, project_id, object_type,
+    object_id, request_id, payload, prev_hash, hash, canonical`` → ``(seq, event fields,
+    canonical, prev_hash, hash)``, what ``chain.verify_chain`` reads."""
+    columns = dict(zip(chain.EVENT_FIELDS[:8], row[:8], strict=True))
+    columns["payload"] = json.loads(row[8])
+    columns["prev_hash"] = row[9]
+    return row[0], columns, row[11], row[9], row[10]
+
+
 def iter_rows(batch: int = 5000) -> Iterator[tuple[int, dict, str, str, str]]:
     """Every stored event as ``(seq, columns, canonical, prev_hash, hash)`` in seq order."""
-    import json
-
     database = db.database.obj
     last = 0
     while True:
@@ -79,11 +88,7 @@ def iter_rows(batch: int = 5000) -> Iterator[tuple[int, dict, str, str, str]]:
         rows = cursor.fetchall()
         if not rows:
             return
-        for row in rows:
-            columns = dict(zip(chain.EVENT_FIELDS[:8], row[:8], strict=True))
-            columns["payload"] = json.loads(row[8])
-            columns["prev_hash"] = row[9]
-            yield row[0], columns, row[11], row[9], row[10]
+        yield from map(decode_row, rows)
         last = rows[-1][0]
 
 

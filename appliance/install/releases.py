@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import AnimusError
+from appliance.storage.blobs import fsync_path
 
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$")
 
@@ -105,7 +106,7 @@ def _replace_link(link: Path, target: str) -> None:
     temporary.unlink(missing_ok=True)
     os.symlink(target, temporary)
     os.replace(temporary, link)
-    _sync_dir(link.parent)
+    fsync_path(link.parent)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -115,15 +116,7 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def activate(installation: Installation, version: str) -> dict:

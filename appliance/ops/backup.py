@@ -45,7 +45,9 @@ from urllib.parse import unquote, urlparse
 
 from appliance import __version__, db
 from appliance.audit import chain
+from appliance.audit import log as audit_log
 from appliance.config import Config
+from appliance.storage.blobs import fsync_path
 
 FORMAT = "animus-backup/1"
 MANIFEST = "MANIFEST.json"
@@ -168,14 +170,6 @@ def _kernel_copy(source: int, target: int, size: int) -> None:
         view = memoryview(chunk)
         while view:
             view = view[os.write(target, view) :]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sync_filesystem(path: Path) -> None:
@@ -391,11 +385,7 @@ def _chain_rows(cur: _Cursor, *, qualify: str = "") -> Iterator[tuple[int, dict,
         )
         if not rows:
             return
-        for row in rows:
-            columns = dict(zip(chain.EVENT_FIELDS[:8], row[:8], strict=True))
-            columns["payload"] = json.loads(row[8])
-            columns["prev_hash"] = row[9]
-            yield row[0], columns, row[11], row[9], row[10]
+        yield from map(audit_log.decode_row, rows)
         last = rows[-1][0]
 
 
@@ -757,7 +747,7 @@ def create_backup(
         )
         os.replace(partial, dest / MANIFEST)
         if fsync:
-            _fsync_dir(dest)
+            fsync_path(dest)
     except BaseException:
         _empty(dest, remove=created)
         raise
@@ -1253,9 +1243,9 @@ def restore_backup(
         pending.cleanup()
         shutil.rmtree(staging, ignore_errors=True)
     if fsync:  # the renames themselves
-        _fsync_dir(config.blob_dir.parent)
+        fsync_path(config.blob_dir.parent)
         if isinstance(pending, _PendingSqlite):
-            _fsync_dir(pending.path.parent)
+            fsync_path(pending.path.parent)
     swapped = time.monotonic()
     verdict = _verify_and_record(config, manifest, source, force, ctx)
     missing_images = _images_missing_from_registry(config, manifest, progress)
@@ -1349,7 +1339,6 @@ def _bound_to(config: Config) -> Iterator[None]:
 def _verify_and_record(
     config: Config, manifest: dict, source: Path, force: bool, ctx: Any
 ) -> chain.Verdict:
-    from appliance.audit import log as audit_log
 
     with _bound_to(config):
         # What `animus audit verify` runs, on the database now in place.
@@ -1381,7 +1370,6 @@ def _verify_and_record(
 
 
 def _record(config: Config, ctx: Any, action: str, installation_id: str, payload: dict) -> Any:
-    from appliance.audit import log as audit_log
     from appliance.audit.actions import Action
     from appliance.domain.context import SYSTEM, Context
 

@@ -185,9 +185,9 @@ class StagedBlobs:
                 # A rename is durable only once the directory holding it is.
                 shards = {store.path_for(digest).parent for digest in created}
                 for directory in sorted(shards):
-                    _fsync_path(directory)
+                    fsync_path(directory)
                 if new_shards:
-                    _fsync_path(store.blob_dir)
+                    fsync_path(store.blob_dir)
         except BaseException:
             # Leave nothing half done: files not yet moved stay staged (to be discarded),
             # and blobs this call created go again, as nothing can reference them yet.
@@ -408,7 +408,8 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync PATH (a file or a directory: a rename or a new entry is durable after it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -418,11 +419,11 @@ def _fsync_path(path: Path) -> None:
 
 def _fsync_files(paths: list[Path]) -> None:
     if len(paths) == 1:
-        _fsync_path(paths[0])
+        fsync_path(paths[0])
         return
     with ThreadPoolExecutor(max_workers=min(_FSYNC_WORKERS, len(paths))) as pool:
         # list() so the first failure is raised here.
-        list(pool.map(_fsync_path, paths))
+        list(pool.map(fsync_path, paths))
 
 
 def _too_large(max_bytes: int) -> UploadError:

@@ -30,24 +30,13 @@ from appliance import db  # noqa: E402
 from appliance.app import create_app  # noqa: E402
 from appliance.auth import identities, sessions  # noqa: E402
 from appliance.config import Config  # noqa: E402
+from appliance.demo import tar_of  # noqa: E402
 from appliance.domain import code, datasets, environments, projects, runs  # noqa: E402
 from appliance.domain.context import SYSTEM, Context  # noqa: E402
 from appliance.domain.records import Run, new_id, utc_now  # noqa: E402
 from appliance.storage.uploads import UploadLimits, read_tar_stream  # noqa: E402
 
 STATES = ("succeeded", "failed", "canceled", "queued", "running")
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    import tarfile
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def build(app, count: int) -> dict:

@@ -15,6 +15,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -127,7 +128,7 @@ def code_repo(tmp_path_factory) -> tuple[str, str]:
     work = base / "work"
     work.mkdir()
     spec = subprocess.run(
-        ["python3", "-c", f"import runpy; print(runpy.run_path({str(WALK)!r})['JOB'])"],
+        [sys.executable, "-c", f"import runpy; print(runpy.run_path({str(WALK)!r})['JOB'])"],
         capture_output=True,
         text=True,
         check=True,

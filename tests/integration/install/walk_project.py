@@ -13,23 +13,13 @@ Exits non-zero with the reason on the first thing that does not work.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
-import tarfile
 import time
 
 import requests
 
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+from appliance.demo import tar_of
 
 
 def main(url: str, token: str, repo_url: str, commit: str, digest: str) -> dict:

@@ -4,11 +4,9 @@ shared ``config``/``server`` fixtures) and an empty target installation to resto
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
 import sys
-import tarfile
 import uuid
 from pathlib import Path
 
@@ -16,16 +14,7 @@ import pytest
 
 from appliance import db
 from appliance.config import Config
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+from appliance.demo import tar_of
 
 
 def upload_version(person, project: dict, dataset_id: str, files: dict[str, bytes]) -> dict:
