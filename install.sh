@@ -109,7 +109,7 @@ require_python() {
 if [ "$mode" = "verify" ]; then
   [ -n "$bundle" ] || die 2 "--verify-only needs --bundle FILE"
   outer_signature_check "$bundle"
-  exec "$python" "$here/bundle/verify.py" "$bundle" "${verify_args[@]}"
+  exec "$python" -I -S "$here/bundle/verify.py" "$bundle" "${verify_args[@]}"
 fi
 
 # --- install or upgrade from a bundle ---------------------------------------------------------
@@ -146,7 +146,7 @@ stage_release() {
     tar -xOf "$bundle" "animus-$version/verify.py" > "$verifier" 2>/dev/null \
       || die 20 "the bundle has no animus-$version/verify.py"
     say "verifying and unpacking $bundle"
-    "$python" -I "$verifier" "$bundle" --target "$staging" --install-dir "$prefix" --json \
+    "$python" -I -S "$verifier" "$bundle" --target "$staging" --install-dir "$prefix" --json \
       "${verify_args[@]}" > "$result"
   else
     [ -f "$here/MANIFEST.json" ] \
@@ -155,7 +155,7 @@ stage_release() {
     say "copying the unpacked bundle $here, then verifying the copy"
     mkdir -p "$staging"
     cp -a "$here/." "$staging/"
-    "$python" -I "$staging/verify.py" "$staging" --install-dir "$prefix" --json \
+    "$python" -I -S "$staging/verify.py" "$staging" --install-dir "$prefix" --json \
       "${verify_args[@]}" > "$result"
   fi
 }

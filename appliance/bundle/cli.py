@@ -116,7 +116,9 @@ def verify_command(args: tuple[str, ...]) -> None:
     and output pass through. ``animus bundle verify --help`` lists its options."""
     if not VERIFIER.is_file():
         raise click.ClickException(f"the verifier {VERIFIER} is not in this installation")
-    sys.exit(subprocess.run([sys.executable, str(VERIFIER), *args], check=False).returncode)
+    sys.exit(
+        subprocess.run([sys.executable, "-I", "-S", str(VERIFIER), *args], check=False).returncode
+    )
 
 
 @bundle_group.command("lock")

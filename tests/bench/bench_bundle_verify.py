@@ -12,7 +12,7 @@ against CPU seconds hashing the same bytes takes at the single-core speed.
 
 The bundle is shaped like a real one: three OCI image layouts with a few large layers, a few
 hundred wheels of very different sizes, and many small files (docs, Ansible content). The
-verifier runs as install.sh runs it (``$PYTHON -I verify.py``).
+verifier runs as install.sh runs it (``$PYTHON -I -S verify.py``).
 
     PYTHON=/usr/bin/python3 .venv/bin/python tests/bench/bench_bundle_verify.py \\
         [--size-mib 2048] [--rounds 5] [--install]
@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument(
         "--python",
         default=os.environ.get("PYTHON") or sys.executable,
-        help="interpreter that runs verify.py, with -I as install.sh does (default: $PYTHON, "
+        help="interpreter that runs verify.py, with -I -S as install.sh does (default: $PYTHON, "
         "else this one)",
     )
     parser.add_argument(
@@ -225,13 +225,15 @@ def main() -> None:
         tiny.mkdir()
         (tiny / "README").write_text("fixed cost\n")
         _sign_bundle(tiny, fingerprint, home)
+        print("writing the files back to disk …", file=sys.stderr)
+        os.sync()  # else the kernel's writeback of 2 GiB competes with the first rounds
         total = sum(e.size for e in entries)
         largest = max(e.size for e in entries)
         sums = work / "SHA256SUMS"
         sums.write_text("".join(f"{e.sha256}  {e.path}\n" for e in entries))
         env = {**os.environ, "GNUPGHOME": str(home)}
-        ours_cmd = [args.python, "-I", str(VERIFY), str(root), "--quiet"]
-        tiny_cmd = [args.python, "-I", str(VERIFY), str(tiny), "--quiet"]
+        ours_cmd = [args.python, "-I", "-S", str(VERIFY), str(root), "--quiet"]
+        tiny_cmd = [args.python, "-I", "-S", str(VERIFY), str(tiny), "--quiet"]
         theirs_cmd = ["sha256sum", "--quiet", "-c", str(sums)]
         _timed(ours_cmd, env, root)  # every contender reads the files once before timing
         _timed(theirs_cmd, env, root)
@@ -254,7 +256,7 @@ def main() -> None:
             f"bundle: {len(entries)} files, {total / MIB:.0f} MiB, largest file "
             f"{100 * largest / total:.0f} %; page cache warm for every contender; {cores} cores"
         )
-        print(f"verify.py: {args.python} -I, {args.rounds} rounds, whole process")
+        print(f"verify.py: {args.python} -I -S, {args.rounds} rounds, whole process")
         print(f"verify.py (parallel):  {_spread(ours)}")
         print(f"sha256sum -c:          {_spread(theirs)}")
         print(

@@ -165,7 +165,9 @@ def run_verify(*args: str | Path, signer: Signer | None = None, env: dict | None
     if signer is not None:
         environment["GNUPGHOME"] = str(signer.home)
     return subprocess.run(
-        [sys.executable, str(VERIFY), "--quiet", *map(str, args)],
+        # The bundle first, as install.sh names it: its files start hashing before the
+        # rest of the command line is read.
+        [sys.executable, "-I", "-S", str(VERIFY), *map(str, args), "--quiet"],
         capture_output=True,
         text=True,
         env=environment,

@@ -208,6 +208,31 @@ def test_a_symbolic_link_in_an_unpacked_bundle(tmp_path, release):
     assert_refused(run_verify(root, signer=release), "unsafe_member", "docs/passwd")
 
 
+def test_a_bad_signature_is_reported_before_what_the_listing_found(tmp_path, release):
+    # The files are listed (and hashed) while the signature is checked; the signature's
+    # refusal still comes first, as it did when the listing followed it.
+    root = make_bundle(tmp_path / "b", release)
+    (root / "docs" / "passwd").symlink_to("/etc/passwd")
+    manifest = root / "MANIFEST.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"1.2.0"', b'"1.2.1"'))
+    assert_refused(run_verify(root, signer=release), "signature_bad")
+
+
+def test_options_may_come_before_the_bundle_and_workers_may_be_chosen(tmp_path, release):
+    root = make_bundle(tmp_path / "b", release)
+    for args in (("--workers", "3", root), (root, "--workers", "1"), ("--json", root)):
+        proc = run_verify(*args, signer=release)
+        assert proc.returncode == 0, (args, proc.stderr)
+
+
+def test_help_and_a_usage_error_after_the_bundle_end_the_hashing_threads(tmp_path, release):
+    root = make_bundle(tmp_path / "b", release)
+    helped = run_verify(root, "--help", signer=release)
+    assert helped.returncode == 0 and "--trust-fingerprint" in helped.stdout
+    wrong = run_verify(root, "--no-such-option", signer=release)
+    assert wrong.returncode == 2 and "unrecognized arguments" in wrong.stderr
+
+
 # --- unsafe archives ----------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import io
 import mmap
 import os
 import socket
+import time
 
 import pytest
 
@@ -54,7 +55,9 @@ def test_large_files_hash_through_the_mapping_to_hashlib(tmp_path, size, monkeyp
     path = _write(tmp_path / "layer", data)
     mapped = []
     real = verify._hash_mapped
-    monkeypatch.setattr(verify, "_hash_mapped", lambda fd, n: mapped.append(n) or real(fd, n))
+    monkeypatch.setattr(
+        verify, "_hash_mapped", lambda fd, n, stop: mapped.append(n) or real(fd, n, stop)
+    )
     assert verify._hash_file(path) == (hashlib.sha256(data).hexdigest(), size)
     assert mapped == ([size] if size >= MAP else [])
 
@@ -101,6 +104,33 @@ def test_progress_is_reported_unless_quiet(tmp_path, capsys):
     assert "hashed" in capsys.readouterr().err
     verify.hash_files(paths, workers=2, total=8 * 300_000, quiet=True)
     assert capsys.readouterr().err == ""
+
+
+def test_a_large_file_stops_hashing_at_the_next_slice_once_told(tmp_path):
+    path = _write(tmp_path / "layer", os.urandom(MAP + SLICE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(verify._Stopped):
+            verify._hash_mapped(fd, MAP + SLICE, stop=[True])
+    finally:
+        os.close(fd)
+
+
+def test_stopped_threads_end_and_leave_the_files_they_did_not_take(tmp_path, monkeypatch):
+    paths = [str(_write(tmp_path / f"f{i}", b"x")) for i in range(200)]
+    taken = []
+    real = verify._hash_file
+
+    def slow(path, buffer=None, stop=None):  # 10 ms a file: two threads need a second
+        taken.append(path)
+        time.sleep(0.01)
+        return real(path, buffer, stop)
+
+    monkeypatch.setattr(verify, "_hash_file", slow)
+    hashing = verify.Hashing(paths, workers=2)
+    hashing.stop()
+    assert not any(thread.is_alive() for thread in hashing._threads)
+    assert len(taken) < 50  # of 200
 
 
 def test_default_workers_is_the_usable_cores_plus_two():
@@ -162,22 +192,28 @@ def test_verify_files_accepts_a_good_tree(tmp_path):
     verify.verify_files(tmp_path, _manifest(files), workers=3, quiet=True)
 
 
+LAYER = "images/x/blobs/sha256/" + "0" * 64  # hashed by the threads
+WHEEL = "offline-wheels/w-1.0-py3-none-any.whl"  # small: hashed by the checking thread
+
+
 @pytest.mark.parametrize(
-    ("damage", "code"),
+    ("damage", "code", "rel"),
     [
-        ("flip", "hash_mismatch"),
-        ("grow", "size_mismatch"),
-        ("remove", "file_missing"),
-        ("add", "file_extra"),
+        ("flip", "hash_mismatch", LAYER),
+        ("flip", "hash_mismatch", WHEEL),
+        ("grow", "size_mismatch", LAYER),
+        ("remove", "file_missing", LAYER),
+        ("add", "file_extra", LAYER),
     ],
 )
-def test_verify_files_refuses_damage(tmp_path, damage, code):
+def test_verify_files_refuses_damage(tmp_path, damage, code, rel):
     files = _tree(tmp_path)
+    assert len(files[WHEEL]) < verify.SMALL_FILE <= len(files[LAYER])
     manifest = _manifest(files)
-    victim = tmp_path / "images/x/blobs/sha256" / ("0" * 64)
+    victim = tmp_path / rel
     data = bytearray(victim.read_bytes())
     if damage == "flip":
-        data[READ + 3] ^= 1  # past the first read: the second buffer differs
+        data[min(READ, len(data) - 4) + 3] ^= 1  # a large file: past the first read
         victim.write_bytes(bytes(data))
     elif damage == "grow":
         victim.write_bytes(bytes(data) + b"!")
@@ -189,7 +225,7 @@ def test_verify_files_refuses_damage(tmp_path, damage, code):
         verify.verify_files(tmp_path, manifest, workers=2, quiet=True)
     assert refused.value.code == code
     if code == "hash_mismatch":
-        assert refused.value.message.endswith("images/x/blobs/sha256/" + "0" * 64)
+        assert refused.value.message.endswith(rel)
 
 
 # --- a .tar: unpacked and hashed in one pass --------------------------------------------
