@@ -188,7 +188,8 @@ class SignatureChecker:
         self.anchor = anchor
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.home = os.fspath(anchor.gnupghome or os.environ.get("GNUPGHOME") or "") or None
-        if shutil.which("gpg") is None:
+        self.gpg = shutil.which("gpg")  # run by its path: no search of PATH per call
+        if self.gpg is None:
             raise Refusal("gpg_unavailable", "gpg was not found on PATH; install gnupg")
         if anchor.keyring is not None:
             # A throwaway home holding only the given keys: nothing else can vouch.
@@ -217,7 +218,7 @@ class SignatureChecker:
     def _gpg(self, args: list[str], stdin=None) -> subprocess.CompletedProcess:
         import subprocess
 
-        command = ["gpg", "--batch", "--no-tty", "--status-fd", "1"]
+        command = [self.gpg, "--batch", "--no-tty", "--status-fd", "1"]
         if self.home is not None:
             command += ["--homedir", self.home]
         try:
@@ -267,7 +268,7 @@ class SignatureChecker:
         return primary_fpr
 
     def _gpg_stream(self, signature: Path, stream) -> subprocess.CompletedProcess:
-        command = ["gpg", "--batch", "--no-tty", "--status-fd", "1"]
+        command = [self.gpg, "--batch", "--no-tty", "--status-fd", "1"]
         if self.home is not None:
             command += ["--homedir", self.home]
         command += ["--verify", str(signature), "-"]
