@@ -83,11 +83,16 @@ def run_services(control: Path | None, action: str) -> None:
 def rollback(
     installation: Installation, *, services: Path | None, say: Callable[[str], None]
 ) -> dict:
-    """Return to the previous release: stop, revert the schema, record, switch, start.
+    """Return to the previous release: stop, record the start, revert the schema, switch,
+    record the end, start.
 
     The schema is reverted by the running (newer) release, which knows how to undo its own
     migrations, down to the newest version the previous release knows. Data the older schema
-    can hold stays; the audit chain is never reverted (migration 0001 refuses).
+    can hold stays; the audit chain is never reverted (migration 0001 refuses). The chain
+    says what happened even when a step fails: ``rollback_started`` comes before anything
+    changes, then ``rolled_back`` once the link is switched, or ``rollback_failed`` with the
+    schema version and the release left current (a ``rollback_started`` alone: the
+    rollback was cut off).
     """
     current, previous = installation.current, installation.previous
     if current is None:
@@ -104,27 +109,31 @@ def rollback(
             f"the database is at schema {schema_from}, older than release {previous} needs "
             f"({target}); nothing was changed"
         )
-    if schema_from > target:
-        say(f"reverting the schema {schema_from} → {target}")
-        try:
+    plan = {"from": current, "to": previous, "schema_from": schema_from, "schema_to": target}
+    context = _context("rollback")
+    _record_release(context, Action.RELEASE_ROLLBACK_STARTED, previous, plan)
+    try:
+        if schema_from > target:
+            say(f"reverting the schema {schema_from} → {target}")
             db.downgrade(target, log=lambda line: say(f"    {line}"))
-        except db.MigrationError as exc:
-            raise InstallError(f"cannot roll back: {exc}") from None
-    with db.write_transaction():
-        audit_log.record(
-            _context("rollback"),
-            Action.RELEASE_ROLLED_BACK,
-            object_type="release",
-            object_id=previous,
-            payload={
-                "from": current,
-                "to": previous,
-                "schema_from": schema_from,
-                "schema_to": target,
-            },
+        activate(installation, previous)
+    except (db.MigrationError, InstallError, OSError) as exc:
+        left = {"schema_now": db.current_version(), "current": installation.current}
+        _record_release(
+            context, Action.RELEASE_ROLLBACK_FAILED, previous, {**plan, **left, "error": str(exc)}
         )
+        db.database.close_all()
+        raise InstallError(
+            f"cannot roll back: {exc}; the database is at schema {left['schema_now']} and "
+            f"{left['current']} is still current (services stopped)"
+        ) from None
+    _record_release(context, Action.RELEASE_ROLLED_BACK, previous, plan)
     db.database.close_all()
-    activate(installation, previous)
     say(f"release {previous} is current; starting the services")
     run_services(services, "start")
-    return {"from": current, "to": previous, "schema_from": schema_from, "schema_to": target}
+    return plan
+
+
+def _record_release(context: Context, action: Action, version: str, payload: dict) -> None:
+    with db.write_transaction():
+        audit_log.record(context, action, object_type="release", object_id=version, payload=payload)

@@ -19,6 +19,7 @@ from appliance import db
 from appliance.audit import log as audit_log
 from appliance.cli import main
 from appliance.domain.records import AuditEvent
+from appliance.install import operations
 from appliance.install.releases import Installation, InstallError, activate
 
 VERIFICATION = {
@@ -124,11 +125,7 @@ def test_a_refused_or_malformed_verification_is_not_recorded(prefix, tmp_path):
 
 
 def test_rollback_reverts_the_newer_schema_and_keeps_the_chain(prefix):
-    newest = len(db.available_migrations())
-    add_release(prefix, "1.0.0", schema_head=newest - 1)
-    add_release(prefix, "2.0.0")
-    activate(Installation(prefix), "1.0.0")
-    activate(Installation(prefix), "2.0.0")
+    newest = _two_releases(prefix)
     code, output = animus("rollback", "--no-services", "--json")
     assert code == 0, output
     result = json.loads(output.strip().splitlines()[-1])
@@ -143,8 +140,69 @@ def test_rollback_reverts_the_newer_schema_and_keeps_the_chain(prefix):
     db.bind(db.open_database(os.environ["ANIMUS_DATABASE_URL"]))
     assert db.current_version() == newest - 1
     assert audit_log.verify().ok
-    last = AuditEvent.select().order_by(AuditEvent.seq.desc()).first()
-    assert last.action == "install:release:rolled_back" and last.payload["to"] == "1.0.0"
+    started, finished = AuditEvent.select().order_by(AuditEvent.seq.desc()).limit(2)[::-1]
+    assert started.action == "install:release:rollback_started"
+    assert finished.action == "install:release:rolled_back"
+    assert started.payload == finished.payload == result
+    assert finished.seq == started.seq + 1
+
+
+def _two_releases(prefix) -> int:
+    newest = len(db.available_migrations())
+    add_release(prefix, "1.0.0", schema_head=newest - 1)
+    add_release(prefix, "2.0.0")
+    activate(Installation(prefix), "1.0.0")
+    activate(Installation(prefix), "2.0.0")
+    return newest
+
+
+def _events(action_prefix: str = "install:release:") -> list[AuditEvent]:
+    db.bind(db.open_database(os.environ["ANIMUS_DATABASE_URL"]))
+    return list(
+        AuditEvent.select()
+        .where(AuditEvent.action.startswith(action_prefix))
+        .order_by(AuditEvent.seq)
+    )
+
+
+def test_a_switch_that_fails_after_the_schema_was_reverted_is_in_the_chain(prefix, monkeypatch):
+    newest = _two_releases(prefix)
+
+    def broken_switch(installation, version):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(operations, "activate", broken_switch)
+    code, output = animus("rollback", "--no-services")
+    assert code == 1
+    assert "No space left on device" in output and "2.0.0 is still current" in output
+    assert os.readlink(prefix / "current") == "releases/2.0.0"
+    started, failed = _events()
+    assert started.action == "install:release:rollback_started"
+    assert failed.action == "install:release:rollback_failed"
+    assert failed.payload["schema_from"] == newest
+    assert failed.payload["schema_now"] == newest - 1  # reverted before the switch failed
+    assert failed.payload["current"] == "2.0.0"
+    assert "No space left on device" in failed.payload["error"]
+    assert audit_log.verify().ok
+
+
+def test_a_schema_revert_that_fails_is_in_the_chain_and_nothing_is_switched(prefix, monkeypatch):
+    newest = _two_releases(prefix)
+
+    def refused(target, log=None):
+        raise db.MigrationError(f"migration {newest} cannot be reverted: data would be lost")
+
+    monkeypatch.setattr(db, "downgrade", refused)
+    code, output = animus("rollback", "--no-services")
+    assert code == 1 and "cannot be reverted" in output
+    assert os.readlink(prefix / "current") == "releases/2.0.0"
+    started, failed = _events()
+    assert (started.action, failed.action) == (
+        "install:release:rollback_started",
+        "install:release:rollback_failed",
+    )
+    assert failed.payload["schema_now"] == newest and db.current_version() == newest
+    assert audit_log.verify().ok
 
 
 def test_rollback_without_a_previous_release_changes_nothing(prefix):
