@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import click
@@ -18,6 +21,20 @@ from appliance import __version__, db
 from appliance.config import Config, ConfigError, settings_markdown
 from appliance.domain.context import SYSTEM, Context
 from appliance.errors import AnimusError
+
+
+def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A command whose AnimusError becomes ``Error: code: message`` and exit status 1,
+    never a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AnimusError as exc:
+            raise click.ClickException(f"{exc.code}: {exc.message}") from None
+
+    return wrapper
 
 
 def _config() -> Config:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
+from appliance.cli import reports_errors
 from appliance.errors import AnimusError
 from appliance.images.build import build_image
 from appliance.images.definition import load_definition
@@ -32,19 +32,6 @@ from appliance.images.registry import (
 )
 from appliance.images.registry_server import RegistrySettings, serve_foreground
 from appliance.images.unpack import pull_and_unpack
-
-
-def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an AnimusError into a one-line message and exit status 1, never a traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except AnimusError as exc:
-            raise click.ClickException(f"{exc.code}: {exc.message}") from exc
-
-    return wrapper
 
 
 def _registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,7 +67,7 @@ def image_group() -> None:
 
 @image_group.command("lock")
 @click.argument("definition", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@_reports_errors
+@reports_errors
 def lock_command(definition: Path) -> None:
     """Pin DEFINITION's Debian packages and wheels into image.lock.json (needs package
     sources: run on a build host)."""
@@ -97,7 +84,7 @@ def lock_command(definition: Path) -> None:
     help="OCI image layout directory to write.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_reports_errors
+@reports_errors
 def build_command(definition: Path, output: Path, as_json: bool) -> None:
     """Build DEFINITION into an OCI image layout, reproducibly and without a daemon."""
     built = build_image(load_definition(definition), output, progress=StreamProgress())
@@ -123,7 +110,7 @@ def build_command(definition: Path, output: Path, as_json: bool) -> None:
     "--workers", default=DEFAULT_WORKERS, show_default=True, help="Blobs uploaded in parallel."
 )
 @_registry_options
-@_reports_errors
+@reports_errors
 def push_command(
     layout: Path,
     target: str,
@@ -155,7 +142,7 @@ def push_command(
 @image_group.command("verify")
 @click.argument("reference")
 @_registry_options
-@_reports_errors
+@reports_errors
 def verify_command(
     reference: str, ca_file: str | None, username: str | None, password: str | None
 ) -> None:
@@ -169,7 +156,7 @@ def verify_command(
 @click.argument("reference")
 @click.option("--unpack", is_flag=True, help="Also unpack into the cached root filesystem.")
 @_registry_options
-@_reports_errors
+@reports_errors
 def pull_command(
     reference: str,
     unpack: bool,
@@ -220,7 +207,7 @@ def registry_group() -> None:
     help="Require htpasswd auth for this user.",
 )
 @click.option("--password", envvar="ANIMUS_REGISTRY_PASSWORD", help="The user's password.")
-@_reports_errors
+@reports_errors
 def serve_command(
     state_dir: Path,
     listen: str,
@@ -273,7 +260,7 @@ def env_group() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the EnvironmentLock as JSON.")
 @_registry_options
-@_reports_errors
+@reports_errors
 def env_build_command(
     env_definition: Path,
     base: str,

@@ -10,27 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import click
 
-from appliance.errors import AnimusError
+from appliance.cli import reports_errors
 from appliance.install import operations
 from appliance.install.releases import Installation, activate, read_verification
-
-
-def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except AnimusError as exc:
-            raise click.ClickException(exc.message) from None
-
-    return wrapper
 
 
 def default_prefix() -> Path | None:
@@ -102,7 +88,7 @@ def status_command(prefix: Path | None, as_json: bool) -> None:
 @_prefix_option
 @click.option("--version", "version", required=True, help="The release to make current.")
 @_json_option
-@_reports_errors
+@reports_errors
 def activate_command(prefix: Path | None, version: str, as_json: bool) -> None:
     """Make an installed release current, atomically; the old one becomes previous.
 
@@ -122,7 +108,7 @@ def activate_command(prefix: Path | None, version: str, as_json: bool) -> None:
     "--no-services", is_flag=True, help="Do not stop and start the services (PREFIX/bin/animusctl)."
 )
 @_json_option
-@_reports_errors
+@reports_errors
 def rollback_command(prefix: Path | None, no_services: bool, as_json: bool) -> None:
     """Return to the previous release without losing data.
 
@@ -161,7 +147,7 @@ def install_group() -> None:
     help="The verifier's JSON result (`verify.py --json`).",
 )
 @_json_option
-@_reports_errors
+@reports_errors
 def record_command(prefix: Path | None, verification: Path, as_json: bool) -> None:
     """Record a bundle's verification (version, manifest digest, signer) as an audit event.
 
