@@ -22,18 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from werkzeug.exceptions import RequestEntityTooLarge
+from multipart import MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser
 from werkzeug.http import parse_options_header
-from werkzeug.sansio.multipart import (
-    NEED_DATA,
-    Data,
-    Epilogue,
-    Event,
-    Field,
-    File,
-    MultipartDecoder,
-    Preamble,
-)
 
 from appliance.errors import UploadError
 from appliance.storage.blobs import CHUNK_BYTES, StagedBlobs, StagedFile
@@ -46,7 +36,7 @@ MAX_COMPONENT_BYTES = 255
 MAX_TAR_HEADER_EXTENSION_BYTES = 1 << 20
 #: Zero padding accepted after a tar's end-of-archive marker (blocking factors pad it).
 MAX_TAR_TRAILER_BYTES = 16 << 20
-#: Most bytes of part headers, preamble or epilogue buffered while parsing multipart.
+#: Longest part header line, and most bytes of preamble or epilogue read, in a multipart body.
 MAX_MULTIPART_HEADER_BYTES = 64 << 10
 #: Form fields without a filename are skipped, but not without end.
 MAX_MULTIPART_FIELDS = 1000
@@ -193,34 +183,29 @@ def read_multipart_stream(
     sizes, counts and empty uploads apply as well.
     """
     boundary = _multipart_boundary(content_type_header)
-    # The decoder buffers only headers, preamble and epilogue beyond the chunk being
-    # parsed, since file data is drained from it after every chunk; its memory limit
-    # therefore bounds exactly what a client could otherwise make it hold.
-    decoder = MultipartDecoder(
-        boundary, max_form_memory_size=MULTIPART_FEED_BYTES + MAX_MULTIPART_HEADER_BYTES
-    )
-    events = _multipart_events(_BufferedSource(stream), decoder)
+    events = _multipart_events(_BufferedSource(stream), boundary)
     collector = _Collector(limits)
     fields = 0
-    for event in events:
+    for segment in events:
+        if not isinstance(segment, MultipartSegment):  # the parser starts every part so
+            raise _malformed_multipart("unexpected data outside a part")
         # Browsers send a file input left empty as a part with filename="" and no data.
-        if isinstance(event, File) and event.filename:
-            path = collector.admit(event.filename)
+        filename = _filename(segment)
+        if filename:
+            path = collector.admit(filename)
             staged_file = collector.stage(
                 path, lambda budget: staged.add_bytes_iter(_part_data(events), max_bytes=budget)
             )
             collector.record(path, staged_file)
-        elif isinstance(event, Field | File):
-            fields += 1
-            if fields > MAX_MULTIPART_FIELDS:
-                raise UploadError(
-                    f"more than {MAX_MULTIPART_FIELDS} form fields without a filename",
-                    code="malformed_multipart",
-                )
-            for chunk in _part_data(events):
-                collector.consume_ignored(len(chunk))
-        else:
-            raise _malformed_multipart("unexpected data outside a part")
+            continue
+        fields += 1
+        if fields > MAX_MULTIPART_FIELDS:
+            raise UploadError(
+                f"more than {MAX_MULTIPART_FIELDS} form fields without a filename",
+                code="malformed_multipart",
+            )
+        for chunk in _part_data(events):
+            collector.consume_ignored(len(chunk))
     return collector.finish()
 
 
@@ -598,38 +583,63 @@ def _multipart_boundary(content_type_header: str) -> bytes:
     return boundary.encode("ascii")
 
 
-def _multipart_events(body: _BufferedSource, decoder: MultipartDecoder) -> Iterator[Event]:
-    """Parts and their data, read from the body one piece at a time."""
-    while True:
-        try:
-            event = decoder.next_event()
-            if event is NEED_DATA:
-                # The decoder copies the piece into its own buffer, so a view will do.
-                piece = body.read_view(MULTIPART_FEED_BYTES)
-                decoder.receive_data(piece if piece else None)  # type: ignore[arg-type]
-                continue
-        except RequestEntityTooLarge:
-            raise _malformed_multipart(
-                f"part headers, preamble or epilogue longer than {MAX_MULTIPART_HEADER_BYTES} bytes"
-            ) from None
-        except ValueError:
-            # The decoder's only way of saying the body ended early or is not multipart.
-            raise _malformed_multipart("the multipart body is truncated or malformed") from None
-        if isinstance(event, Epilogue):
-            return
-        if not isinstance(event, Preamble):
-            yield event
+def _multipart_events(
+    body: _BufferedSource, boundary: bytes
+) -> Iterator[MultipartSegment | bytes | None]:
+    """Each part's headers (a ``MultipartSegment``), its data in non-empty chunks, then
+    ``None``; read from the body one piece at a time.
+
+    The parser (``multipart``) keeps only a possible partial boundary between pieces, so a
+    piece may end anywhere: Werkzeug's decoder, used before, added a stray byte to a file
+    when a read ended inside the closing boundary. It skips a preamble without holding it;
+    a preamble or an epilogue longer than ``MAX_MULTIPART_HEADER_BYTES`` is refused here,
+    so that no client keeps a worker reading bytes that are no upload.
+    """
+    parser = PushMultipartParser(boundary, max_header_size=MAX_MULTIPART_HEADER_BYTES)
+    preamble = 0
+    started = False
+    try:
+        while not parser.closed:
+            piece = bytes(body.read_view(MULTIPART_FEED_BYTES))  # b"": the end, checked
+            for event in parser.parse(piece):
+                started = True
+                yield event
+            if not started:
+                preamble += len(piece)
+                if preamble > MAX_MULTIPART_HEADER_BYTES:
+                    raise _malformed_multipart(
+                        f"preamble longer than {MAX_MULTIPART_HEADER_BYTES} bytes"
+                    )
+    except ParserLimitReached as exc:
+        raise _malformed_multipart(
+            f"a part header line longer than {MAX_MULTIPART_HEADER_BYTES} bytes, or too many "
+            f"part headers ({exc})"
+        ) from None
+    except MultipartError as exc:
+        raise _malformed_multipart(f"the multipart body is truncated or malformed: {exc}") from None
+    epilogue = 0
+    while piece := body.read_view(MULTIPART_FEED_BYTES):
+        epilogue += len(piece)
+        if epilogue > MAX_MULTIPART_HEADER_BYTES:
+            raise _malformed_multipart(f"epilogue longer than {MAX_MULTIPART_HEADER_BYTES} bytes")
 
 
-def _part_data(events: Iterator[Event]) -> Iterator[bytes]:
-    """The data of the part whose header ``events`` just produced, chunk by chunk."""
+def _filename(segment: MultipartSegment) -> str:
+    """The part's filename as the client wrote it, read with Werkzeug's header parser:
+    RFC 2231 ``filename*`` decoded, and a Windows path kept whole (so that it is refused as
+    a path, not cut down to its last component)."""
+    _disposition, options = parse_options_header(segment.header("Content-Disposition", ""))
+    return options.get("filename", "")
+
+
+def _part_data(events: Iterator[MultipartSegment | bytes | None]) -> Iterator[bytes]:
+    """The data of the part whose headers ``events`` just produced, chunk by chunk."""
     for event in events:
-        if not isinstance(event, Data):
-            raise _malformed_multipart("a part ends without data")
-        if event.data:
-            yield event.data
-        if not event.more_data:
+        if event is None:
             return
+        if isinstance(event, MultipartSegment):
+            raise _malformed_multipart("a part starts inside another")
+        yield event
     raise _malformed_multipart("the multipart body is truncated")
 
 
