@@ -497,6 +497,10 @@ class _Stopped(Exception):
     """Ends a hashing thread that was told to stop."""
 
 
+class _Resized(Exception):
+    """A mapped file changed size while it was hashed."""
+
+
 def _hash_file(
     path: str | Path, buffer: memoryview | None = None, stop: list | None = None
 ) -> tuple[str, int]:
@@ -510,7 +514,10 @@ def _hash_file(
     try:
         length = os.fstat(fd).st_size
         if length >= MAP_FROM:
-            return _hash_mapped(fd, length, stop), length
+            try:
+                return _hash_mapped(fd, length, stop), length
+            except _Resized:
+                raise OSError(f"{path} changed size while it was hashed") from None
         if length > len(buffer):
             _advise_sequential(fd)
         digest = hashlib.sha256()
@@ -533,18 +540,26 @@ def _hash_mapped(fd: int, length: int, stop: list | None = None) -> str:
     mappings: no copy into a buffer (about a tenth less CPU than reading). Each slice is
     mapped on its own with its pages faulted in up front (MAP_POPULATE): mmap() holds the
     GIL while it populates (8 ms for a 300 MiB file at once, stalling every other thread),
-    a slice's worth takes a quarter of a millisecond; update() then hashes it without."""
+    a slice's worth takes a quarter of a millisecond; update() then hashes it without.
+
+    Touching a mapped page past the end of a file that shrank meanwhile kills the process
+    (SIGBUS): a slice is mapped only while the file still reaches past it (mmap checks), so
+    only a cut during one slice's hashing is left to that; a file whose size changed is
+    ``_Resized``."""
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
     digest = hashlib.sha256()
     for start in range(0, length, MAP_SLICE):
         if stop:
             raise _Stopped
         size = min(MAP_SLICE, length - start)
-        with (
-            mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ, offset=start) as mapped,
-            memoryview(mapped) as view,
-        ):
+        try:
+            mapped = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ, offset=start)
+        except ValueError:  # mmap's own check: the file no longer reaches this far
+            raise _Resized from None
+        with mapped, memoryview(mapped) as view:
             digest.update(view)
+    if os.fstat(fd).st_size != length:
+        raise _Resized
     return digest.hexdigest()
 
 

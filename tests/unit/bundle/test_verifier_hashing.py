@@ -106,6 +106,32 @@ def test_progress_is_reported_unless_quiet(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_large_file_that_shrank_is_an_error_not_a_crash(tmp_path):
+    # Mapping pages past the end and touching them would end the process with SIGBUS.
+    path = _write(tmp_path / "layer", os.urandom(MAP + SLICE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.truncate(path, MAP)  # as if someone cut the file after it was opened
+        with pytest.raises(verify._Resized):
+            verify._hash_mapped(fd, MAP + SLICE)
+    finally:
+        os.close(fd)
+
+
+def test_a_large_file_that_grew_while_hashed_is_named(tmp_path, monkeypatch):
+    path = _write(tmp_path / "layer", os.urandom(MAP))
+    real = verify._hash_mapped
+
+    def grow_then_hash(fd, length, stop=None):
+        with open(path, "ab") as more:
+            more.write(b"appended")
+        return real(fd, length, stop)
+
+    monkeypatch.setattr(verify, "_hash_mapped", grow_then_hash)
+    with pytest.raises(OSError, match="layer changed size while it was hashed"):
+        verify._hash_file(path)
+
+
 def test_a_large_file_stops_hashing_at_the_next_slice_once_told(tmp_path):
     path = _write(tmp_path / "layer", os.urandom(MAP + SLICE))
     fd = os.open(path, os.O_RDONLY)
