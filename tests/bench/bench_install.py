@@ -1,13 +1,13 @@
 """Time from `./install.sh --bundle` start to `/readyz` on the embedded default (target < 60 s).
 
-Builds a real bundle (wheels from the committed lock, the runner image) with a throwaway GPG
-key, then installs it into a fresh prefix inside a network namespace with only a loopback
+Builds a real bundle (wheels from the committed lock, every image bundle.toml lists; with
+``--runner-only`` just the runner image, quicker to build) with a throwaway GPG key, then installs it into a fresh prefix inside a network namespace with only a loopback
 interface, as a sysadmin would on a host with no network. A poller inside the namespace
 notes the first 200 from /readyz. Prints each install step's start (install.sh's own
 ``[Ns]`` marks), the time to the first ready answer, and install.sh's total; then stops the
 services and deletes the namespace.
 
-    .venv/bin/python tests/bench/bench_install.py [--rounds 1] [--keep DIR]
+    .venv/bin/python tests/bench/bench_install.py [--rounds 1] [--keep DIR] [--runner-only]
 
 Needs root (network namespaces, runc). Building the bundle is not timed.
 """
@@ -81,18 +81,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1, help="fresh installs to time")
     parser.add_argument("--keep", type=Path, help="build the bundle here and keep it")
+    parser.add_argument(
+        "--runner-only",
+        action="store_true",
+        help="bundle only the runner image (quicker to build; the registry role pushes less)",
+    )
     args = parser.parse_args()
-    run(args.rounds, args.keep)
+    run(args.rounds, args.keep, ("runner",) if args.runner_only else None)
 
 
-def run(rounds: int = 1, keep: Path | None = None) -> None:
-    """Build a bundle, install it ROUNDS times into fresh prefixes, print the times."""
+def run(rounds: int = 1, keep: Path | None = None, images: tuple[str, ...] | None = None) -> None:
+    """Build a bundle with IMAGES (None: all), install it ROUNDS times into fresh prefixes,
+    print the times."""
     work = Path(tempfile.mkdtemp(prefix="animus-bench-"))
     key = generate_signer(work / "gpg", "Animus Bench <bench@example.test>")
     out = keep or work / "out"
     print("building the bundle (not timed) …", flush=True)
-    built = build_bundle("1.0.0", key.fingerprint, out, images=("runner",), gnupghome=key.home)
-    print(f"bundle {built.tar} {built.size / (1 << 20):.0f} MiB", flush=True)
+    started = time.perf_counter()
+    built = build_bundle("1.0.0", key.fingerprint, out, images=images, gnupghome=key.home)
+    print(
+        f"bundle {built.tar} {built.size / (1 << 20):.0f} MiB, built in "
+        f"{time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     try:
         for round_number in range(1, rounds + 1):
             ns = Namespace()
