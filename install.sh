@@ -14,8 +14,12 @@
 #       install that directory. --settings passes a YAML file of Ansible variables
 #       (docs/ansible.md: PostgreSQL URL, registry name and password, …).
 #
-#   ./install.sh --verify-only --bundle animus-V.tar [--trust-fingerprint FPR] [--allow-downgrade]
+#   ./install.sh --verify-only [--bundle animus-V.tar] [--trust-fingerprint FPR] [--prefix DIR]
+#                [--allow-downgrade]
 #       Verify a bundle and stop: exit 0 only for a good bundle (codes: docs/bundle.md).
+#       Without --bundle, the unpacked bundle this install.sh is in. The version installed
+#       in PREFIX is the floor (a downgrade is refused); a .tar is unpacked into $TMPDIR
+#       and removed.
 #
 #   ./install.sh --demo [--serve] [--port PORT]
 #       On a source checkout: set up .venv, start the appliance on the embedded default
@@ -32,7 +36,7 @@ cd "$(dirname "$0")"
 here="$PWD"
 started=$SECONDS
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 say() { echo "install.sh: [$((SECONDS - started))s] $*" >&2; }
 die() { local status="$1"; shift; echo "install.sh: $*" >&2; exit "$status"; }
 
@@ -47,27 +51,37 @@ kubeconfig=""
 settings=""
 port="8080"
 registry_port="5000"
+# An option's value: present and not the next option, else a usage error (exit 2).
+value_of() { if [ -z "${2:-}" ] || [[ "$2" == --* ]]; then die 2 "$1 needs $3"; fi; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --demo) mode="demo" ;;
     --serve) demo_args+=("--serve") ;;
-    --port) port="${2:?--port needs a number}"; demo_args+=("--port" "$port"); shift ;;
-    --registry-port) registry_port="${2:?--registry-port needs a number}"; shift ;;
+    --port) value_of "$1" "${2:-}" "a port number"; port="$2"; demo_args+=("--port" "$port"); shift ;;
+    --registry-port) value_of "$1" "${2:-}" "a port number"; registry_port="$2"; shift ;;
     --verify-only) mode="verify" ;;
-    --bundle) bundle="${2:?--bundle needs the bundle file}"; shift ;;
-    --prefix) prefix="${2:?--prefix needs a directory}"; shift ;;
+    --bundle) value_of "$1" "${2:-}" "the bundle file"; bundle="$2"; shift ;;
+    --prefix) value_of "$1" "${2:-}" "a directory"; prefix="$2"; shift ;;
     --single-host) target="single-host" ;;
     --kubernetes) target="kubernetes" ;;
-    --kubeconfig) kubeconfig="${2:?--kubeconfig needs a file}"; shift ;;
-    --settings) settings="${2:?--settings needs a YAML file}"; shift ;;
+    --kubeconfig) value_of "$1" "${2:-}" "a file"; kubeconfig="$2"; shift ;;
+    --settings) value_of "$1" "${2:-}" "a YAML file"; settings="$2"; shift ;;
     --trust-fingerprint)
-      trusted="${2:?--trust-fingerprint needs a fingerprint}"
+      value_of "$1" "${2:-}" "a fingerprint"
+      trusted="${2// /}"
+      [[ "$trusted" =~ ^([0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})$ ]] \
+        || die 2 "--trust-fingerprint needs a full key fingerprint (40 or 64 hex digits), not $2"
       verify_args+=("--trust-fingerprint" "$trusted"); shift ;;
     --allow-downgrade) verify_args+=("--allow-downgrade") ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
   shift
+done
+for option in port registry_port; do
+  if ! [[ "${!option}" =~ ^[0-9]{1,5}$ ]] || [ "${!option}" -lt 1 ] || [ "${!option}" -gt 65535 ]; then
+    die 2 "--${option//_/-} needs a port number (1-65535), not ${!option}"
+  fi
 done
 absolute() { case "$1" in ""|/*) echo "$1" ;; *) echo "$caller_dir/$1" ;; esac; }
 bundle="$(absolute "$bundle")"
@@ -82,16 +96,18 @@ outer_signature_check() {
   [ -f "$file.sig" ] || die 10 "signature missing: $file.sig not found"
   command -v gpg >/dev/null || die 3 "gpg is required to verify the bundle"
   status="$(gpg --batch --status-fd 1 --verify "$file.sig" "$file" 2>/dev/null || true)"
-  if ! grep -q '^\[GNUPG:\] VALIDSIG ' <<<"$status"; then
-    if grep -q '^\[GNUPG:\] NO_PUBKEY ' <<<"$status"; then
-      die 12 "signature by an unknown key: import the release public key first"
-    fi
-    die 11 "BAD signature over $file: do not use this bundle"
-  fi
+  has() { grep -q "^\[GNUPG:\] $1 " <<<"$status"; }
+  has BADSIG && die 11 "BAD signature over $file: do not use this bundle"
+  has NO_PUBKEY && die 12 "signature by an unknown key: import the release public key first"
+  # gpg reports VALIDSIG for a revoked or expired key too: GOODSIG is the word for "good".
+  has REVKEYSIG && die 13 "signed by a revoked key: do not use this bundle"
+  has EXPKEYSIG && die 13 "signed by an expired key: do not use this bundle"
+  has EXPSIG && die 11 "the signature over $file has expired"
+  { has GOODSIG && has VALIDSIG; } || die 11 "no good signature over $file: do not use this bundle"
   # VALIDSIG fields: 3 = signing key, 12 = primary key fingerprint.
   fingerprints="$(awk '$2 == "VALIDSIG" {print $3; print $12}' <<<"$status")"
   if [ -n "$trusted" ]; then
-    grep -qix "${trusted// /}" <<<"$fingerprints" \
+    grep -Fqix "$trusted" <<<"$fingerprints" \
       || die 13 "signed by a key that is not $trusted: untrusted"
   elif ! grep -qE '^\[GNUPG:\] TRUST_(FULLY|ULTIMATE)' <<<"$status"; then
     die 13 "the signing key is not trusted in this keyring (or give --trust-fingerprint)"
@@ -106,11 +122,26 @@ require_python() {
     || die 3 "Python 3.11 or newer is required, found $("$python" -V 2>&1)"
 }
 
-if [ "$mode" = "verify" ]; then
-  [ -n "$bundle" ] || die 2 "--verify-only needs --bundle FILE"
+# --verify-only: the bundle file (outer signature, then unpacked into a scratch directory that
+# is removed afterwards), or this unpacked bundle itself; checked against what PREFIX holds.
+verify_only() {
+  local verifier="$here/verify.py" scratch status=0
+  [ -f "$here/bundle/verify.py" ] && verifier="$here/bundle/verify.py"  # a source checkout
+  require_python
+  verify_args+=("--install-dir" "$prefix")
+  if [ -z "$bundle" ]; then
+    [ -f "$here/MANIFEST.json" ] \
+      || die 2 "--verify-only needs --bundle FILE (or run the install.sh of an unpacked bundle)"
+    exec "$python" -I -S "$verifier" "$here" "${verify_args[@]}"
+  fi
   outer_signature_check "$bundle"
-  exec "$python" -I -S "$here/bundle/verify.py" "$bundle" "${verify_args[@]}"
-fi
+  scratch="$(mktemp -d "${TMPDIR:-/tmp}/animus-verify.XXXXXX")"
+  "$python" -I -S "$verifier" "$bundle" --target "$scratch/unpacked" "${verify_args[@]}" \
+    || status=$?
+  rm -rf "$scratch"
+  exit "$status"
+}
+[ "$mode" = "verify" ] && verify_only
 
 # --- install or upgrade from a bundle ---------------------------------------------------------
 
