@@ -261,6 +261,8 @@ class SignatureChecker:
         if "EXPKEYSIG" in keywords or "REVKEYSIG" in keywords:
             state = "expired" if "EXPKEYSIG" in keywords else "revoked"
             raise Refusal("key_untrusted", f"{what}: the signing key is {state}")
+        if "EXPSIG" in keywords:
+            raise Refusal("signature_bad", f"{what}: the signature has expired")
         validsig = keywords["VALIDSIG"]
         signing_fpr = validsig[0].upper()
         primary_fpr = validsig[9].upper() if len(validsig) > 9 else signing_fpr
@@ -1034,6 +1036,18 @@ class _SideHasher:
         self._mapped.close()
 
 
+def _data_member(member: tarfile.TarInfo, files: dict) -> tarfile.TarInfo:
+    """The member whose bytes unpacking MEMBER writes: a hard link is unpacked as a copy of
+    the earlier file it names (``_plan_unpack`` checked that there is one), so its size is
+    that file's, not the 0 its own header says."""
+    if not member.islnk():
+        return member
+    from pathlib import PurePosixPath
+
+    source = safe_relative_path(member.linkname)
+    return files[PurePosixPath(*source.parts[1:]).as_posix()]
+
+
 def _extract_member(
     stream: ConcatenatedFiles,
     member: tarfile.TarInfo,
@@ -1045,11 +1059,8 @@ def _extract_member(
     """Write MEMBER's bytes (read straight from the archive: a regular member's data is one
     run of bytes) to the new file TARGET; return the SHA-256 hex and size of what was written."""
     import tarfile
-    from pathlib import PurePosixPath
 
-    if member.islnk():
-        source = safe_relative_path(member.linkname)
-        member = files[PurePosixPath(*source.parts[1:]).as_posix()]
+    member = _data_member(member, files)
     target.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     fd = os.open(target, flags, 0o755 if member.mode & 0o111 else 0o644)
@@ -1140,7 +1151,7 @@ def _unpack_and_verify(
                     if name == MANIFEST_SIGNATURE_NAME:
                         raise Refusal("signature_missing", f"{name} is missing from the bundle")
                     raise Refusal("file_missing", f"{name} is missing from the bundle")
-                if files[name].size > MAX_MANIFEST_BYTES:
+                if _data_member(files[name], files).size > MAX_MANIFEST_BYTES:
                     raise Refusal("size_exceeds_manifest", f"{name} is implausibly large")
                 _extract_member(stream, files[name], target / name, files, buffer, hasher)
             _say("checking the manifest signature", quiet)
@@ -1158,7 +1169,7 @@ def _unpack_and_verify(
                 hashed[inner] = _extract_member(
                     stream, member, target / inner, files, buffer, hasher
                 )
-                written += member.size
+                written += _data_member(member, files).size
                 if not quiet and total and written - last_report >= total // 10:
                     last_report = written
                     _say(f"  unpacked {written / (1 << 20):.0f} / {total / (1 << 20):.0f} MiB")
@@ -1174,7 +1185,8 @@ def _unpack_and_verify(
 
 def _check_members_against(manifest: Manifest, files: dict[str, tarfile.TarInfo]) -> None:
     """Before any file is written: no member the manifest does not list, none larger than
-    the manifest says, and no more bytes in all than the manifest holds."""
+    the manifest says, and no more bytes in all than the manifest holds. A hard link counts
+    with the size of the file it copies: many links to one large file are a bomb too."""
     extra = sorted(set(files) - set(manifest.files) - {MANIFEST_NAME, MANIFEST_SIGNATURE_NAME})
     if extra:
         raise Refusal("file_extra", f"{len(extra)} member(s) not in the manifest: {_few(extra)}")
@@ -1183,13 +1195,14 @@ def _check_members_against(manifest: Manifest, files: dict[str, tarfile.TarInfo]
         if inner in (MANIFEST_NAME, MANIFEST_SIGNATURE_NAME):
             continue
         allowed = manifest.files[inner][1]
-        if member.size > allowed:
+        size = _data_member(member, files).size
+        if size > allowed:
             raise Refusal(
                 "size_exceeds_manifest",
-                f"member {inner} would unpack to {member.size} bytes; the manifest allows "
+                f"member {inner} would unpack to {size} bytes; the manifest allows "
                 f"{allowed} (refused before unpacking)",
             )
-        total += member.size
+        total += size
     if total > manifest.total_size:
         raise Refusal(
             "size_exceeds_manifest",

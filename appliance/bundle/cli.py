@@ -7,10 +7,13 @@ imported only when a bundle is built.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import click
 
@@ -35,13 +38,49 @@ def parse_size(text: str) -> int:
     return number * _UNITS[unit]
 
 
+@functools.cache
+def _verifier() -> ModuleType:
+    """``bundle/verify.py`` as a module: a script that ships beside its bundle, not a package
+    module, so it is loaded from its file. Its rules are the ones a bundle must pass."""
+    if not VERIFIER.is_file():
+        raise click.ClickException(f"the verifier {VERIFIER} is not in this installation")
+    spec = importlib.util.spec_from_file_location("animus_bundle_verify", VERIFIER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _release_version(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A version the verifier accepts (``1.2.0``, ``1.2.0rc1``), checked before anything is
+    built: it names the bundle's folder and files, and a bundle its own verifier refuses is
+    no use."""
+    if value is None:
+        return None
+    try:
+        _verifier().parse_version(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value.strip()
+
+
+def _io_failure(exc: OSError) -> click.ClickException:
+    where = f": {exc.filename}" if exc.filename else ""
+    return click.ClickException(f"io_error: {exc.strerror or exc}{where}")
+
+
 @click.group("bundle")
 def bundle_group() -> None:
     """Build and verify signed offline bundles."""
 
 
 @bundle_group.command("build")
-@click.option("--version", "version", required=True, help="Product version of the bundle.")
+@click.option(
+    "--version",
+    "version",
+    required=True,
+    callback=_release_version,
+    help="Product version of the bundle (e.g. 1.2.0 or 1.2.0rc1).",
+)
 @click.option("--sign-key", required=True, help="Fingerprint of the release signing key.")
 @click.option(
     "--output", required=True, type=click.Path(file_okay=False), help="Where to write it."
@@ -56,7 +95,11 @@ def bundle_group() -> None:
 )
 @click.option("--split-size", help="Cut the .tar into parts of at most this size (e.g. 4G).")
 @click.option("--valid-days", type=int, help="Days until the bundle expires (bundle.toml).")
-@click.option("--min-upgrade-from", help="Oldest installed version it may upgrade (bundle.toml).")
+@click.option(
+    "--min-upgrade-from",
+    callback=_release_version,
+    help="Oldest installed version it may upgrade (bundle.toml).",
+)
 @click.option("--gnupghome", type=click.Path(file_okay=False), envvar="GNUPGHOME")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build_command(
@@ -85,6 +128,8 @@ def build_command(
         )
     except AnimusError as exc:
         raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+    except OSError as exc:  # an output folder that cannot be made or written, a full disk
+        raise _io_failure(exc) from None
     result = {
         "version": built.version,
         "tar": str(built.tar) if built.tar else None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -29,6 +30,40 @@ def _build(tmp_path, release, *extra: str) -> dict:
     )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
+
+
+def _refused_build(release, version: str, output: Path):
+    """``animus bundle build`` that must stop with an error of its own: an exception it lets
+    through fails the test (catch_exceptions=False)."""
+    result = CliRunner().invoke(
+        bundle_group,
+        [
+            "build",
+            *("--version", version, "--sign-key", release.fingerprint),
+            *("--output", str(output), "--gnupghome", str(release.home)),
+            *("--no-images", "--no-wheels"),
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.mark.parametrize("version", ["1/2", "not a version", "1.2.0/../../x", ""])
+def test_a_version_the_verifier_would_refuse_is_refused_before_anything_is_built(
+    tmp_path, release, version
+):
+    result = _refused_build(release, version, tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"Invalid value for '--version': not a release version: {version!r}" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path, release):
+    (tmp_path / "file").write_text("not a folder")
+    result = _refused_build(release, "1.4.0", tmp_path / "file" / "out")
+    assert result.exit_code == 1
+    assert f"Error: io_error: Not a directory: {tmp_path / 'file' / 'out'}" in result.output
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from appliance.bundle.archive import split_file
 from tests.unit.bundle.test_verifier_rules import verify
 
 from .conftest import (
+    DEFAULT_FILES,
     add_members,
     make_bundle,
     make_tar,
@@ -285,6 +286,39 @@ def test_members_larger_than_the_manifest_are_a_decompression_bomb(tmp_path, rel
     target = tmp_path / "t"
     proc = run_verify(tar, "--target", target, signer=release)
     assert_refused(proc, "size_exceeds_manifest", "docs/install.md", "refused before unpacking")
+    assert not target.exists()
+
+
+def test_hard_links_to_a_large_file_are_a_decompression_bomb(tmp_path, release):
+    """A hard link's header says 0 bytes, but it unpacks as a copy of the file it names: a
+    manifest listing the links as empty files must not let them through."""
+    links = [f"docs/copy-{n:02}" for n in range(16)]
+    large = bytes(range(256)) * (4 << 10)  # 1 MiB, 16 MiB once every link is a copy
+    files = {**DEFAULT_FILES, "offline-wheels/large.whl": large, **dict.fromkeys(links, b"")}
+    root = make_bundle(tmp_path / "b", release, files=files)
+    for link in links:  # listed (empty) in the signed manifest, packed below as hard links
+        (root / link).unlink()
+    tar = make_tar(root, tmp_path / "animus-1.2.0.tar", release)
+    add_members(
+        tar,
+        release,
+        *(
+            _member(
+                f"animus-1.2.0/{link}",
+                tarfile.LNKTYPE,
+                link="animus-1.2.0/offline-wheels/large.whl",
+            )
+            for link in links
+        ),
+    )
+    target = tmp_path / "t"
+    proc = run_verify(tar, "--target", target, signer=release)
+    assert_refused(
+        proc,
+        "size_exceeds_manifest",
+        f"member docs/copy-00 would unpack to {len(large)} bytes; the manifest allows 0",
+        "refused before unpacking",
+    )
     assert not target.exists()
 
 
