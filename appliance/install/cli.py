@@ -16,7 +16,7 @@ import click
 
 from appliance.cli import reports_errors
 from appliance.install import operations
-from appliance.install.releases import Installation, activate, read_verification
+from appliance.install.releases import Installation, read_verification
 
 
 def default_prefix() -> Path | None:
@@ -67,7 +67,7 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 
 @click.group("release")
 def release_group() -> None:
-    """Installed releases: status, activate, rollback."""
+    """Installed releases: status, check, activate, rollback."""
 
 
 @release_group.command("status")
@@ -92,13 +92,39 @@ def status_command(prefix: Path | None, as_json: bool) -> None:
 def activate_command(prefix: Path | None, version: str, as_json: bool) -> None:
     """Make an installed release current, atomically; the old one becomes previous.
 
-    Migrate the database with the new release first (`animus db upgrade`).
+    Migrate the database with the new release first (`animus db upgrade`). Refuses, changing
+    nothing, a release older than the database's schema (see `animus release check`).
     """
-    result = activate(_installation(prefix), version)
+    installation = _installation(prefix)
+    load_settings(installation)
+    result = operations.activate_release(installation, version)
     _emit(
         result,
         as_json,
         f"release {version} is current" + ("" if result["changed"] else " (unchanged)"),
+    )
+
+
+@release_group.command("check")
+@_prefix_option
+@click.option("--version", "version", required=True, help="The release to check.")
+@_json_option
+@reports_errors
+def check_command(prefix: Path | None, version: str, as_json: bool) -> None:
+    """Check that an installed release can run on the database; changes nothing.
+
+    Exits 1 if the database's schema is newer than the release knows: it could neither run
+    on it nor revert it. The installer runs this before it stops anything.
+    """
+    installation = _installation(prefix)
+    load_settings(installation)
+    result = operations.check_release(installation, version)
+    schema = "no database yet" if result["schema"] is None else f"schema {result['schema']}"
+    _emit(
+        result,
+        as_json,
+        f"release {version} knows schema versions up to {result['schema_newest']}; "
+        f"the database: {schema}",
     )
 
 
@@ -112,9 +138,12 @@ def activate_command(prefix: Path | None, version: str, as_json: bool) -> None:
 def rollback_command(prefix: Path | None, no_services: bool, as_json: bool) -> None:
     """Return to the previous release without losing data.
 
-    Stops the services, reverts the database schema to the one the previous release knows
-    (data it can represent is kept), records the rollback in the audit chain, switches
-    `current` back atomically and starts the services again.
+    Checks first that it can (a previous release, a schema it can revert) and changes
+    nothing if not. Then stops the services, backs up into PREFIX/backups/ (refusing, with
+    the services started again, if that fails), reverts the database schema to the one the
+    previous release knows (data it can represent is kept; the backup keeps the rest),
+    records the rollback in the audit chain, switches `current` back atomically and starts
+    the services again.
     """
     installation = _installation(prefix)
     load_settings(installation)
@@ -126,7 +155,7 @@ def rollback_command(prefix: Path | None, no_services: bool, as_json: bool) -> N
         result,
         as_json,
         f"rolled back from {result['from']} to {result['to']} (schema {result['schema_from']} "
-        f"→ {result['schema_to']})",
+        f"→ {result['schema_to']}); the backup from before is {result['backup']}",
     )
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from appliance import db
@@ -21,6 +23,7 @@ from appliance.cli import main
 from appliance.domain.records import AuditEvent
 from appliance.install import operations
 from appliance.install.releases import Installation, InstallError, activate
+from appliance.ops.backup import BackupError, verify_backup
 
 VERIFICATION = {
     "status": "ok",
@@ -129,12 +132,14 @@ def test_rollback_reverts_the_newer_schema_and_keeps_the_chain(prefix):
     code, output = animus("rollback", "--no-services", "--json")
     assert code == 0, output
     result = json.loads(output.strip().splitlines()[-1])
+    backup = result.pop("backup")
     assert result == {
         "from": "2.0.0",
         "to": "1.0.0",
         "schema_from": newest,
         "schema_to": newest - 1,
     }
+    result["backup"] = backup
     assert os.readlink(prefix / "current") == "releases/1.0.0"
     assert os.readlink(prefix / "previous") == "releases/2.0.0"
     db.bind(db.open_database(os.environ["ANIMUS_DATABASE_URL"]))
@@ -222,3 +227,164 @@ def test_rollback_refuses_a_previous_release_newer_than_the_database(prefix):
     code, output = animus("rollback", "--no-services")
     assert code == 1 and "nothing was changed" in output
     assert os.readlink(prefix / "current") == "releases/2.0.0"
+
+
+def fake_services(prefix) -> Path:
+    """PREFIX/bin/animusctl as a stand-in that logs each call; returns the log."""
+    log = prefix / "animusctl.log"
+    control = prefix / "bin" / "animusctl"
+    control.parent.mkdir(exist_ok=True)
+    control.write_text(f'#!/bin/sh\necho "$1" >> {log}\necho "animus: $1"\n')
+    control.chmod(control.stat().st_mode | stat.S_IXUSR)
+    return log
+
+
+def service_calls(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+def test_rollback_backs_up_first_and_names_the_backup(prefix):
+    newest = _two_releases(prefix)
+    services = fake_services(prefix)
+    code, output = animus("rollback", "--json")
+    assert code == 0, output
+    result = json.loads(output.strip().splitlines()[-1])
+    backup = Path(result["backup"])
+    assert backup.parent == prefix / "backups"
+    assert backup.name.startswith("2.0.0-before-rollback-to-1.0.0-")
+    manifest = verify_backup(backup)
+    # The backup holds the schema before the revert: what the newer release's tables held.
+    assert manifest["database"]["schema_version"] == newest
+    code, output = animus("restore", "--verify-only", str(backup))
+    assert code == 0 and "verifies" in output
+    assert service_calls(services) == ["stop", "start"]
+    started, finished = _events()
+    assert started.payload["backup"] == finished.payload["backup"] == str(backup)
+    backed_up = _events("ops:backup:created")[-1]
+    assert backed_up.payload["destination"] == str(backup)
+    assert backed_up.seq < started.seq and backed_up.request_id == started.request_id
+
+
+def test_a_rollback_whose_backup_fails_starts_the_services_again(prefix, monkeypatch):
+    newest = _two_releases(prefix)
+    services = fake_services(prefix)
+
+    def full_disk(config, dest, progress=None, **options):
+        raise BackupError("io_error", "No space left on device")
+
+    monkeypatch.setattr(operations, "create_backup", full_disk)
+    code, output = animus("rollback")
+    assert code == 1
+    assert "cannot back up before the rollback" in output and "No space left" in output
+    assert "services were started again" in output
+    assert service_calls(services) == ["stop", "start"]
+    assert os.readlink(prefix / "current") == "releases/2.0.0"
+    assert _events() == []
+    assert db.current_version() == newest
+
+
+def _irreversible_newest_migration(monkeypatch) -> None:
+    module = db.available_migrations()[-1].module
+    monkeypatch.delattr(module, "downgrade")
+    monkeypatch.setattr(module, "IRREVERSIBLE_BECAUSE", "it merges two tables", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("situation", "message"),
+    [
+        ("no previous release", "no previous release"),
+        ("previous needs a newer schema", "older than release 1.0.0 needs"),
+        ("irreversible migration", "it merges two tables"),
+    ],
+)
+def test_a_refused_rollback_leaves_the_services_alone(prefix, monkeypatch, situation, message):
+    newest = len(db.available_migrations())
+    add_release(prefix, "1.0.0", schema_head=newest + 1 if "newer" in situation else newest - 1)
+    add_release(prefix, "2.0.0")
+    activate(Installation(prefix), "1.0.0" if situation != "no previous release" else "2.0.0")
+    activate(Installation(prefix), "2.0.0")
+    if situation == "irreversible migration":
+        _irreversible_newest_migration(monkeypatch)
+    services = fake_services(prefix)
+    code, output = animus("rollback")
+    assert code == 1 and message in output, output
+    assert service_calls(services) == []
+    assert os.readlink(prefix / "current") == "releases/2.0.0"
+    assert not (prefix / "backups").exists()
+    assert _events() == []
+
+
+def test_rollback_without_a_database_refuses_and_creates_none(tmp_path, monkeypatch):
+    prefix = tmp_path / "opt"
+    data = tmp_path / "data"
+    monkeypatch.setenv("ANIMUS_PREFIX", str(prefix))
+    monkeypatch.setenv("ANIMUS_DATA_DIR", str(data))
+    monkeypatch.setenv("ANIMUS_DATABASE_URL", f"sqlite:///{data / 'animus.db'}")
+    newest = len(db.available_migrations())
+    add_release(prefix, "1.0.0", schema_head=newest - 1)
+    add_release(prefix, "2.0.0")
+    activate(Installation(prefix), "1.0.0")
+    activate(Installation(prefix), "2.0.0")
+    services = fake_services(prefix)
+    try:
+        code, output = animus("rollback")
+        assert code == 1 and "there is no database" in output
+        assert service_calls(services) == []
+        assert not data.exists(), "checking created the database"
+        # No database yet (a new installation) fits any release, and checking creates none.
+        code, output = animus("release", "check", "--version", "1.0.0", "--json")
+        assert code == 0, output
+        assert json.loads(output)["schema"] is None
+        assert not data.exists()
+    finally:
+        if db.database.obj is not None:
+            db.database.close_all()
+
+
+def test_activation_refuses_a_release_older_than_the_database(prefix):
+    newest = _two_releases(prefix)  # 1.0.0 knows one schema version less; 2.0.0 is current
+    add_release(prefix, "0.9.0", schema_head=newest - 1)
+    for version, way_back in (
+        ("1.0.0", "`animus rollback` returns to 1.0.0"),
+        ("0.9.0", "restore a backup taken with it"),
+    ):
+        code, output = animus("release", "activate", "--version", version)
+        assert code == 1, output
+        assert f"knows the database schema up to version {newest - 1}" in output
+        assert f"the database is at {newest}" in output
+        assert way_back in output and "nothing was changed" in output
+        assert os.readlink(prefix / "current") == "releases/2.0.0"
+        assert os.readlink(prefix / "previous") == "releases/1.0.0"
+        assert (prefix / "VERSION").read_text() == "2.0.0\n"
+    # A release that knows the schema is activated as before.
+    add_release(prefix, "2.0.1")
+    code, output = animus("release", "activate", "--version", "2.0.1", "--json")
+    assert code == 0, output
+    assert json.loads(output) == {"changed": True, "current": "2.0.1", "previous": "2.0.0"}
+
+
+def test_release_check_says_whether_a_release_can_run_on_the_database(prefix):
+    newest = _two_releases(prefix)
+    code, output = animus("release", "check", "--version", "2.0.0", "--json")
+    assert code == 0, output
+    assert json.loads(output) == {
+        "changed": False,
+        "version": "2.0.0",
+        "schema_newest": newest,
+        "schema": newest,
+    }
+    code, output = animus("release", "check", "--version", "1.0.0")
+    assert code == 1 and "`animus rollback` returns to 1.0.0" in output
+    assert os.readlink(prefix / "current") == "releases/2.0.0"
+
+
+def test_the_database_role_checks_the_release_before_it_stops_anything():
+    tasks = Path(__file__).parents[3] / "ansible" / "roles" / "database" / "tasks"
+    routed = [
+        task["ansible.builtin.include_tasks"]
+        for task in yaml.safe_load((tasks / "main.yml").read_text())
+    ]
+    assert routed.index("check_release.yml") < routed.index("backup.yml")
+    (check,) = yaml.safe_load((tasks / "check_release.yml").read_text())
+    argv = check["ansible.builtin.command"]["argv"]
+    assert argv[1:3] == ["release", "check"] and "{{ animus_version }}" in argv
