@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as dt
 import errno
 import hashlib
 import json
@@ -47,6 +48,7 @@ from appliance import __version__, db
 from appliance.audit import chain
 from appliance.audit import log as audit_log
 from appliance.config import Config
+from appliance.errors import AnimusError
 from appliance.storage.blobs import fsync_path
 
 FORMAT = "animus-backup/1"
@@ -794,6 +796,16 @@ def _load_manifest(source: Path) -> dict[str, Any]:
     return manifest
 
 
+def _is_timestamp(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        dt.datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _manifest_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
         return "not an object"
@@ -801,6 +813,8 @@ def _manifest_problem(manifest: Any) -> str | None:
         return f"unknown format {manifest.get('format')!r} (this release reads {FORMAT})"
     if manifest.get("backend") not in ("sqlite", "postgresql"):
         return "unknown backend"
+    if not _is_timestamp(manifest.get("created_at")):
+        return "created_at missing or not a timestamp"
     database, head = manifest.get("database"), manifest.get("audit_head")
     if not (
         isinstance(database, dict)
@@ -817,6 +831,11 @@ def _manifest_problem(manifest: Any) -> str | None:
         and _DIGEST.fullmatch(head["hash"])
     ):
         return "audit_head missing or wrong"
+    if not isinstance(manifest.get("blobs"), dict):  # a restore reports it as it is
+        return "blobs missing or wrong"
+    images = manifest.get("environment_images") or []
+    if not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
+        return "environment_images is not a list of digests"
     files = manifest.get("files")
     if not isinstance(files, list):
         return "files missing"
@@ -1248,7 +1267,7 @@ def restore_backup(
             fsync_path(pending.path.parent)
     swapped = time.monotonic()
     verdict = _verify_and_record(config, manifest, source, force, ctx)
-    missing_images = _images_missing_from_registry(config, manifest, progress)
+    missing_images, unchecked_images = _images_missing_from_registry(config, manifest, progress)
     finished = time.monotonic()
     progress(f"restore complete in {finished - started:.2f} s; audit chain {verdict}")
     schema = manifest["database"]["schema_version"]
@@ -1260,6 +1279,7 @@ def restore_backup(
         "audit_head": manifest["audit_head"],
         "audit_verify": str(verdict),
         "environment_images_missing": missing_images,
+        "environment_images_unchecked": unchecked_images,
         "blobs": manifest["blobs"],
         "files": len(manifest["files"]),
         "bytes": sum(e["size"] for e in manifest["files"]),
@@ -1271,19 +1291,33 @@ def restore_backup(
     }
 
 
-def _images_missing_from_registry(config: Config, manifest: dict, progress: Progress) -> list[str]:
-    """The EnvironmentLock images the registry does not hold: they are not in a backup, and
-    Runs pinned to them cannot start until they are pushed again."""
+def _images_missing_from_registry(
+    config: Config, manifest: dict, progress: Progress
+) -> tuple[list[str], list[str]]:
+    """The EnvironmentLock images the registry does not hold (they are not in a backup, and
+    Runs pinned to them cannot start until they are pushed again), and those left unchecked
+    because the registry did not answer (it is often stopped with the other processes)."""
     from appliance.execution.registry_check import digest_verifier
+    from appliance.images.registry import RegistryClient
 
     images = manifest.get("environment_images") or []
     if not images or not config.registry_url:
-        return []
+        return [], []
+    parsed = urlparse(config.registry_url)
+    try:
+        RegistryClient(parsed.netloc, tls=parsed.scheme == "https").ping()
+    except AnimusError as exc:
+        progress(
+            f"warning: {exc.message}: the {len(images)} pinned environment image(s) were not "
+            "checked; once it runs: `animus image verify REGISTRY/REPOSITORY@DIGEST` for each "
+            "digest in MANIFEST.json's environment_images"
+        )
+        return [], list(images)
     verify = digest_verifier(config.registry_url, config.environment_repository)
     missing = [digest for digest in images if verify(digest) is not None]
     for digest in missing:
         progress(f"warning: environment image {digest} is not in the registry: push it again")
-    return missing
+    return missing, []
 
 
 def _same_database(database: Any, config: Config) -> bool:

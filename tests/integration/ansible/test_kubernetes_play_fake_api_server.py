@@ -45,7 +45,7 @@ def cluster(tmp_path):
     _layout(release / "images" / "control-plane", CONTROL_PLANE_DIGEST)
     _layout(release / "images" / "runner", RUNNER_DIGEST)
     (release / "venv").symlink_to(Path(sys.prefix))
-    generate_tls(prefix / "data" / "registry" / "tls", ("registry.animus.local",))
+    generate_tls(prefix / "registry" / "tls", ("registry.animus.local",))
     (prefix / "etc").mkdir()
     (prefix / "etc" / "dataplane.token").write_text(SECRET_VALUES[2] + "\n")
     with FakeApplyAPI() as fake:
@@ -139,7 +139,7 @@ def test_every_manifest_validates_and_a_second_apply_changes_nothing_fake_api_se
     quota = fake.objects[("ResourceQuota", "animus-runs", "animus-runs")]["spec"]["hard"]
     assert quota["count/jobs.batch"] == "100"
     trust = fake.objects[("ConfigMap", "animus-system", "animus-registry-trust")]["data"]
-    ca = Path(extra_vars["animus_prefix"], "data", "registry", "tls", "ca.crt").read_text()
+    ca = Path(extra_vars["animus_prefix"], "registry", "tls", "ca.crt").read_text()
     assert trust["ca.crt"] == ca
     host_path = fake.objects[("DaemonSet", "animus-system", "animus-registry-trust")]["spec"][
         "template"

@@ -3,11 +3,13 @@
 Run with the installed release's Python (inside the network namespace of the installation):
 
     python walk_project.py URL TOKEN REPO_URL COMMIT IMAGE_DIGEST
+    python walk_project.py --replay URL TOKEN PROJECT RUN
 
 Creates a project, uploads a dataset version, registers the code and an environment lock on
 the runner image, runs the job in a runc container, checks its logs, metrics and artifact,
 replays it and prints one JSON line: {"project", "run", "replay", "reproduced", "artifact"}.
-Exits non-zero with the reason on the first thing that does not work.
+With --replay: checks the artifact of an existing RUN against its digest and replays it
+(after a restore, say). Exits non-zero with the reason on the first thing that does not work.
 """
 
 from __future__ import annotations
@@ -22,16 +24,55 @@ import requests
 from appliance.demo import tar_of
 
 
-def main(url: str, token: str, repo_url: str, commit: str, digest: str) -> dict:
-    api = requests.Session()
-    api.headers["Authorization"] = f"Bearer {token}"
+class Api:
+    """The API as TOKEN's user; every call must answer with the status expected."""
 
-    def call(method: str, path: str, expect: int = 200, **kwargs) -> dict:
-        response = api.request(method, url + path, timeout=60, **kwargs)
+    def __init__(self, url: str, token: str):
+        self.url = url
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def __call__(self, method: str, path: str, expect: int = 200, **kwargs) -> dict:
+        response = self.session.request(method, self.url + path, timeout=60, **kwargs)
         if response.status_code != expect:
             sys.exit(f"{method} {path}: {response.status_code} {response.text[:500]}")
         return response.json()
 
+    def content(self, path: str) -> bytes:
+        return self.session.get(self.url + path, timeout=60).content
+
+    def finish(self, pid: str, run_id: str) -> dict:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            state = self("GET", f"/api/v1/projects/{pid}/runs/{run_id}")
+            if state["state"] in ("succeeded", "failed", "canceled"):
+                return state
+            time.sleep(0.3)
+        sys.exit(f"run {run_id} did not finish: {state}")
+
+
+def replay(call: Api, pid: str, run_id: str) -> dict:
+    """Check RUN's artifact against its listed digest, replay the run, return the verdict."""
+    base = f"/api/v1/projects/{pid}/runs/{run_id}"
+    content = call.content(base + "/artifacts/model.json")
+    listed = {a["path"]: a["sha256"] for a in call("GET", base + "/artifacts")}
+    if listed.get("model.json") != hashlib.sha256(content).hexdigest():
+        sys.exit(f"artifact digest mismatch: {listed}")
+    again = call("POST", base + "/replay", 201)
+    if call.finish(pid, again["id"])["state"] != "succeeded":
+        sys.exit("the replay did not succeed")
+    verdict = call("GET", f"/api/v1/projects/{pid}/runs/{again['id']}")["reproducibility"]
+    return {
+        "project": pid,
+        "run": run_id,
+        "replay": again["id"],
+        "reproduced": verdict["reproduced"],
+        "artifact": json.loads(content),
+    }
+
+
+def main(url: str, token: str, repo_url: str, commit: str, digest: str) -> dict:
+    call = Api(url, token)
     pid = call("POST", "/api/v1/projects", 201, json={"name": "walk"})["id"]
     dataset = call("POST", f"/api/v1/projects/{pid}/datasets", 201, json={"name": "rows"})
     version = call(
@@ -68,37 +109,13 @@ def main(url: str, token: str, repo_url: str, commit: str, digest: str) -> dict:
     }
     run = call("POST", f"/api/v1/projects/{pid}/runs", 201, json=spec)
 
-    def finish(run_id: str) -> dict:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            state = call("GET", f"/api/v1/projects/{pid}/runs/{run_id}")
-            if state["state"] in ("succeeded", "failed", "canceled"):
-                return state
-            time.sleep(0.3)
-        sys.exit(f"run {run_id} did not finish: {state}")
-
-    done = finish(run["id"])
+    done = call.finish(pid, run["id"])
     if done["state"] != "succeeded":
         sys.exit(f"run {run['id']} {done['state']}: {done.get('reason')}")
-    base = f"/api/v1/projects/{pid}/runs/{run['id']}"
-    metrics = call("GET", base + "/metrics")["metrics"]
+    metrics = call("GET", f"/api/v1/projects/{pid}/runs/{run['id']}/metrics")["metrics"]
     if [m["value"] for m in metrics.get("loss", [])] != [1.0, 0.5]:
         sys.exit(f"unexpected metrics {metrics}")
-    content = api.get(url + base + "/artifacts/model.json", timeout=60).content
-    listed = {a["path"]: a["sha256"] for a in call("GET", base + "/artifacts")}
-    if listed.get("model.json") != hashlib.sha256(content).hexdigest():
-        sys.exit(f"artifact digest mismatch: {listed}")
-    replay = call("POST", base + "/replay", 201)
-    if finish(replay["id"])["state"] != "succeeded":
-        sys.exit("the replay did not succeed")
-    verdict = call("GET", f"/api/v1/projects/{pid}/runs/{replay['id']}")["reproducibility"]
-    return {
-        "project": pid,
-        "run": run["id"],
-        "replay": replay["id"],
-        "reproduced": verdict["reproduced"],
-        "artifact": json.loads(content),
-    }
+    return replay(call, pid, run["id"])
 
 
 JOB = """import json, os
@@ -112,4 +129,8 @@ print("done", flush=True)
 """
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:6])), flush=True)
+    if sys.argv[1:2] == ["--replay"]:
+        url, token, project, run_id = sys.argv[2:6]
+        print(json.dumps(replay(Api(url, token), project, run_id)), flush=True)
+    else:
+        print(json.dumps(main(*sys.argv[1:6])), flush=True)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -143,6 +144,8 @@ TAMPERINGS = {
     "manifest-missing": ("backup_manifest_missing", 3),
     "manifest-not-json": ("backup_manifest_invalid", 3),
     "manifest-path-escapes": ("backup_manifest_invalid", 3),
+    "manifest-without-created-at": ("backup_manifest_invalid", 3),
+    "manifest-without-blobs": ("backup_manifest_invalid", 3),
     "head-rewritten-in-the-manifest": ("restore_head_mismatch", 4),
     "schema-from-a-newer-release": ("restore_schema_newer", 2),
 }
@@ -182,6 +185,12 @@ def tamper(backup: Path, how: str) -> str:
         manifest["files"][0]["path"] = "../outside"
         (backup / "MANIFEST.json").write_text(json.dumps(manifest))
         return "../outside"
+    if how in ("manifest-without-created-at", "manifest-without-blobs"):
+        # Fields a restore reads after it swapped the data in: missing, it must not start.
+        field = {"manifest-without-created-at": "created_at", "manifest-without-blobs": "blobs"}
+        del manifest[field[how]]
+        (backup / "MANIFEST.json").write_text(json.dumps(manifest))
+        return f"MANIFEST.json: {field[how]} missing"
     if how == "schema-from-a-newer-release":
         manifest["database"]["schema_version"] = 999
         (backup / "MANIFEST.json").write_text(json.dumps(manifest))
@@ -209,6 +218,21 @@ def test_a_tampered_backup_is_refused_with_its_own_error_and_nothing_is_written(
     assert "Traceback" not in done.stderr
     assert not target_config.data_dir.exists(), list(target_config.data_dir.rglob("*"))
     assert table_count(target_config, request) == 0
+
+
+def test_verify_only_refuses_a_manifest_without_created_at(config, filled, tmp_path):
+    backup = tmp_path / "backup"
+    create_backup(config, backup)
+    tamper(backup, "manifest-without-created-at")
+
+    done = animus(config, "restore", str(backup), "--verify-only")
+
+    assert done.returncode == 3, done.stderr
+    assert (
+        "error: backup_manifest_invalid: MANIFEST.json: created_at missing or not a timestamp"
+        in done.stderr
+    ), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def forge_history(backup: Path, backend: str, request) -> None:
@@ -482,3 +506,31 @@ def test_restore_names_the_pinned_images_the_registry_no_longer_holds(
 
     assert result["environment_images_missing"] == [absent]
     assert any(absent in line and "push it again" in line for line in lines)
+    assert result["environment_images_unchecked"] == []
+
+
+def test_a_registry_that_does_not_answer_leaves_the_images_unchecked_not_missing(
+    config, filled, target_config, tmp_path
+):
+    """The registry is often stopped with the other processes during a restore: its images
+    are then named as not checked, not as missing."""
+    backup = tmp_path / "backup"
+    create_backup(config, backup)
+    manifest = manifest_of(backup)
+    pinned = ["sha256:" + "d" * 64]
+    manifest["environment_images"] = pinned
+    (backup / "MANIFEST.json").write_text(json.dumps(manifest))
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    target = dataclasses.replace(
+        target_config, registry_url=f"http://{address}", environment_repository="animus/runner"
+    )
+    lines: list[str] = []
+
+    result = restore_backup(target, backup, progress=lines.append)
+
+    assert result["environment_images_missing"] == []
+    assert result["environment_images_unchecked"] == pinned
+    assert any(f"registry {address} is unreachable" in line and "not checked" in line
+               for line in lines)  # fmt: skip
