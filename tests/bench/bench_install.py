@@ -118,7 +118,8 @@ def run(rounds: int = 1, keep: Path | None = None, images: tuple[str, ...] | Non
             for second, step in result["steps"]:
                 print(f"  [{second:>3}s] {step[:100]}")
             print(
-                f"  install.sh start → first /readyz 200: {result['ready']:.1f} s (target < 60 s)"
+                f"  install.sh start → first /readyz 200: {result['ready']:.1f} s (target < 60 s: "
+                f"{'met' if result['ready'] < 60 else 'NOT met'})"
             )
             print(f"  install.sh start → install.sh done:   {result['total']:.1f} s")
     finally:
