@@ -31,6 +31,7 @@ from tests.integration.execution.conftest import _git
 
 ROOT = Path(__file__).resolve().parents[3]
 WALK = Path(__file__).with_name("walk_project.py")
+API = "http://127.0.0.1:8080"
 PROBE_MIGRATION = '''"""A table only release 2.0.0 knows (the upgrade test's probe)."""
 
 
@@ -270,6 +271,11 @@ def test_upgrade_with_data_then_rollback_loses_nothing(installed, bundles):
     upgraded = [e for e in installed.audit_events() if e[1] == "install:bundle:verified"]
     assert [e[2]["version"] for e in upgraded] == ["1.0.0", "2.0.0"]
     assert [e[2]["upgraded_from"] for e in upgraded] == [None, "1.0.0"]
+    # Data made under 2.0.0 must still be there after the rollback.
+    made = installed.python(WALK, "--add-version", API, token, walk["project"])
+    assert made.returncode == 0, made.stderr + made.stdout
+    added = json.loads(made.stdout.strip().splitlines()[-1])
+    events_before = len(installed.audit_events())
 
     rolled = installed.ns.run(installed.prefix / "bin" / "animus", "rollback", "--json")
     assert rolled.returncode == 0, rolled.stderr + rolled.stdout
@@ -286,8 +292,18 @@ def test_upgrade_with_data_then_rollback_loses_nothing(installed, bundles):
     assert status == 200 and json.loads(body)["state"] == "succeeded"
     status, _ = installed.get(run_path + "/artifacts/model.json", token)
     assert status == 200
+    checked = installed.python(
+        WALK, "--check-version", API, token, walk["project"], added["version"], added["sha256"]
+    )
+    assert checked.returncode == 0, checked.stderr + checked.stdout
     assert installed.animus("audit", "verify").startswith("OK ")
-    assert installed.audit_events()[-1][1] == "install:release:rolled_back"
+    events = installed.audit_events()
+    assert [e[1] for e in events[events_before:]] == [
+        "ops:backup:created",
+        "install:release:rollback_started",
+        "install:release:rolled_back",
+    ]
+    assert events[events_before + 1][2]["backup"] == outcome["backup"]
 
 
 def summary_images(backup: Path) -> list[str]:

@@ -4,12 +4,17 @@ Run with the installed release's Python (inside the network namespace of the ins
 
     python walk_project.py URL TOKEN REPO_URL COMMIT IMAGE_DIGEST
     python walk_project.py --replay URL TOKEN PROJECT RUN
+    python walk_project.py --add-version URL TOKEN PROJECT
+    python walk_project.py --check-version URL TOKEN PROJECT VERSION SHA256
 
 Creates a project, uploads a dataset version, registers the code and an environment lock on
 the runner image, runs the job in a runc container, checks its logs, metrics and artifact,
 replays it and prints one JSON line: {"project", "run", "replay", "reproduced", "artifact"}.
 With --replay: checks the artifact of an existing RUN against its digest and replays it
-(after a restore, say). Exits non-zero with the reason on the first thing that does not work.
+(after a restore, say). --add-version uploads a new dataset version and prints its id and
+its file's SHA-256; --check-version downloads that file and compares (data made under one
+release, read after a rollback). Exits non-zero with the reason on the first thing that does
+not work.
 """
 
 from __future__ import annotations
@@ -69,6 +74,34 @@ def replay(call: Api, pid: str, run_id: str) -> dict:
         "reproduced": verdict["reproduced"],
         "artifact": json.loads(content),
     }
+
+
+ADDED = b"c,d\n5,6\n7,8\n"
+
+
+def add_version(call: Api, pid: str) -> dict:
+    """A new dataset with one version holding ``added.csv``: its id and the file's SHA-256."""
+    dataset = call("POST", f"/api/v1/projects/{pid}/datasets", 201, json={"name": "added"})
+    version = call(
+        "POST",
+        f"/api/v1/projects/{pid}/datasets/{dataset['id']}/versions",
+        201,
+        data=tar_of({"added.csv": ADDED}),
+        headers={"Content-Type": "application/x-tar"},
+    )
+    return {"version": version["id"], "sha256": hashlib.sha256(ADDED).hexdigest()}
+
+
+def check_version(call: Api, pid: str, version_id: str, sha256: str) -> dict:
+    """Download VERSION's ``added.csv`` and compare it with SHA256 and with the listing."""
+    path = f"/api/v1/projects/{pid}/dataset-versions/{version_id}"
+    content = call.content(path + "/files/added.csv")
+    if hashlib.sha256(content).hexdigest() != sha256:
+        sys.exit(f"added.csv of {version_id} does not match {sha256}")
+    listed = {f["path"]: f["sha256"] for f in call("GET", path)["files"]}
+    if listed != {"added.csv": sha256}:
+        sys.exit(f"version {version_id} lists {listed}")
+    return {"version": version_id, "sha256": sha256}
 
 
 def main(url: str, token: str, repo_url: str, commit: str, digest: str) -> dict:
@@ -132,5 +165,11 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--replay"]:
         url, token, project, run_id = sys.argv[2:6]
         print(json.dumps(replay(Api(url, token), project, run_id)), flush=True)
+    elif sys.argv[1:2] == ["--add-version"]:
+        url, token, project = sys.argv[2:5]
+        print(json.dumps(add_version(Api(url, token), project)), flush=True)
+    elif sys.argv[1:2] == ["--check-version"]:
+        url, token, project, version_id, sha256 = sys.argv[2:7]
+        print(json.dumps(check_version(Api(url, token), project, version_id, sha256)), flush=True)
     else:
         print(json.dumps(main(*sys.argv[1:6])), flush=True)
