@@ -90,12 +90,15 @@ kubeconfig="$(absolute "$kubeconfig")"
 settings="$(absolute "$settings")"
 
 # The first check uses nothing from the bundle: only the host's gpg and the trust anchor.
+# The file is opened once (fd 3) and read through that descriptor here and when its verifier
+# is taken out: a file renamed over the bundle's path meanwhile is not the one read.
 outer_signature_check() {
   local file="$1" status fingerprints
   [ -f "$file" ] || die 2 "no bundle file $file"
   [ -f "$file.sig" ] || die 10 "signature missing: $file.sig not found"
   command -v gpg >/dev/null || die 3 "gpg is required to verify the bundle"
-  status="$(gpg --batch --status-fd 1 --verify "$file.sig" "$file" 2>/dev/null || true)"
+  exec 3<"$file"
+  status="$(gpg --batch --status-fd 1 --verify "$file.sig" /dev/fd/3 2>/dev/null || true)"
   has() { grep -q "^\[GNUPG:\] $1 " <<<"$status"; }
   has BADSIG && die 11 "BAD signature over $file: do not use this bundle"
   has NO_PUBKEY && die 12 "signature by an unknown key: import the release public key first"
@@ -174,8 +177,10 @@ stage_release() {
     [[ "$version" =~ ^[0-9A-Za-z][0-9A-Za-z.+-]*$ ]] || die 2 "the bundle file is not named animus-VERSION.tar"
     verifier="$work/verify.py"
     # The outer signature covers the whole file, so its verifier is the one the key signed.
-    tar -xOf "$bundle" "animus-$version/verify.py" > "$verifier" 2>/dev/null \
+    tar -xOf /dev/fd/3 "animus-$version/verify.py" > "$verifier" 2>/dev/null \
       || die 20 "the bundle has no animus-$version/verify.py"
+    exec 3<&-
+    # From here the verifier itself checks the outer signature of what it unpacks.
     say "verifying and unpacking $bundle"
     "$python" -I -S "$verifier" "$bundle" --target "$staging" --install-dir "$prefix" --json \
       "${verify_args[@]}" > "$result"

@@ -322,3 +322,48 @@ def test_a_missing_or_bad_option_value_is_a_usage_error(args, message, release):
     result = install(*args, signer=release)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+def test_a_bundle_swapped_after_the_outer_check_does_not_run_its_verifier(
+    tmp_path, release, stranger
+):
+    """Someone who can write beside the bundle renames another file over it between the
+    outer check and the moment install.sh takes the verifier out (a `tar` that does the
+    rename first stands in for the race): the verifier still comes from the file that was
+    checked, and that verifier refuses the swapped bundle's signature."""
+    tar = make_tar(make_bundle(tmp_path / "b", release), tmp_path / "animus-1.2.0.tar", release)
+    marker = tmp_path / "the-swapped-verifier-ran"
+    evil_files = {
+        **DEFAULT_FILES,
+        "verify.py": f"open({str(marker)!r}, 'w').write('ran')\nprint('{{}}')\n".encode(),
+    }
+    (tmp_path / "evil").mkdir()
+    evil = make_tar(
+        make_bundle(tmp_path / "e", stranger, files=evil_files),
+        tmp_path / "evil" / "animus-1.2.0.tar",
+        stranger,
+    )
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "tar").write_text(
+        "#!/bin/sh\n"
+        f'[ -e "{tmp_path}/swapped" ] || {{ touch "{tmp_path}/swapped"; mv "{evil}" "{tar}"; }}\n'
+        f'exec {shutil.which("tar")} "$@"\n'
+    )
+    (tools / "tar").chmod(0o755)
+    prefix = tmp_path / "opt"
+    env = {
+        **os.environ,
+        "GNUPGHOME": str(release.home),
+        "PATH": f"{tools}:{os.environ['PATH']}",
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "install.sh"), "--bundle", str(tar), "--prefix", str(prefix),
+         "--trust-fingerprint", release.fingerprint],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert (tmp_path / "swapped").exists(), "the stand-in tar was not used"
+    assert not marker.exists(), "the swapped bundle's verifier ran"
+    assert result.returncode == 11, result.stderr
+    assert "BAD signature" in result.stderr
+    assert not (prefix / "releases").exists() or not any((prefix / "releases").iterdir())
