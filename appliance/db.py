@@ -204,6 +204,27 @@ def upgrade(db: peewee.Database | None = None, target: int | None = None, log=pr
     return current_version(db)
 
 
+def downgrade_problem(version: int, target: int) -> str | None:
+    """Why this release cannot revert the schema from VERSION to TARGET, or None if it can:
+    a target out of range, a schema newer than its migrations, an irreversible migration."""
+    migrations = {m.version: m for m in available_migrations()}
+    if target < 0 or target > version:
+        return f"cannot downgrade from {version} to {target}"
+    if version > len(migrations):
+        return (
+            f"the database is at schema {version}, newer than this release knows "
+            f"({len(migrations)}): revert it with the newest release"
+        )
+    blocked = [v for v in range(target + 1, version + 1) if not migrations[v].reversible]
+    if blocked:
+        newest = migrations[blocked[-1]]
+        return (
+            f"migration {newest.version:04d} ({newest.name}) cannot be reverted: "
+            f"{newest.module.IRREVERSIBLE_BECAUSE}"
+        )
+    return None
+
+
 def downgrade(target: int, db: peewee.Database | None = None, log=print) -> int:
     """Revert migrations above ``target``, newest first. Irreversible ones refuse."""
     db = db or database.obj
@@ -211,14 +232,9 @@ def downgrade(target: int, db: peewee.Database | None = None, log=print) -> int:
     editor = SchemaEditor(db)
     with _migration_lock(db):
         version = current_version(db)
-        if target < 0 or target > version:
-            raise MigrationError(f"cannot downgrade from {version} to {target}")
-        blocked = [v for v in range(target + 1, version + 1) if not migrations[v].reversible]
-        if blocked:
-            raise MigrationError(
-                f"migration {blocked[-1]:04d} ({migrations[blocked[-1]].name}) cannot be reverted: "
-                f"{migrations[blocked[-1]].module.IRREVERSIBLE_BECAUSE}"
-            )
+        problem = downgrade_problem(version, target)
+        if problem:
+            raise MigrationError(problem)
         for number in range(version, target, -1):
             migration = migrations[number]
             with _transaction(db):

@@ -229,20 +229,9 @@ def _require_revertible(schema_from: int, target: int, previous: str) -> None:
             f"the database is at schema {schema_from}, older than release {previous} needs "
             f"({target}); nothing was changed"
         )
-    migrations = {m.version: m for m in db.available_migrations()}
-    if schema_from > len(migrations):
-        raise InstallError(
-            f"the database is at schema {schema_from}, newer than this release knows "
-            f"({len(migrations)}): run the rollback with the newest release; nothing was changed"
-        )
-    for version in range(schema_from, target, -1):
-        migration = migrations[version]
-        if not migration.reversible:
-            because = getattr(migration.module, "IRREVERSIBLE_BECAUSE", "it has no downgrade")
-            raise InstallError(
-                f"migration {version:04d} ({migration.name}) cannot be reverted: {because}; "
-                f"nothing was changed"
-            )
+    problem = db.downgrade_problem(schema_from, target)
+    if problem:
+        raise InstallError(f"{problem}; nothing was changed")
 
 
 def _start_after_refusal(
